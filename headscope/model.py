@@ -1,0 +1,461 @@
+"""HeadModel: a Hugging Face model plus its head geometry; owns every hook headscope installs.
+
+Probes and edits are context managers. Hooks are installed on entry and removed in ``finally``,
+so a model is never left edited, also after an exception::
+
+    hm = HeadModel.load("retrieval")                       # organism, local path or hub id
+    with hm.attention_stats(["top1"], query_rows=(10, 12)) as rec:
+        hm.model(input_ids)
+    rec.top1_index()                                       # [layers, B, heads, rows]
+    with hm.ablate([(1, 3), (2, 0)], mode="zero"):
+        hm.model.generate(input_ids)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from headscope import hooks
+from headscope.errors import HeadscopeError
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    n_layers: int
+    n_heads: int  # query heads per layer
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    max_positions: int | None
+    causal: bool
+
+    @property
+    def n_total(self) -> int:
+        return self.n_layers * self.n_heads
+
+
+# ------------------------------------------------------------------------------------- probes
+@dataclass
+class StatsRequest:
+    """What the attention function records while an ``attention_stats`` block is open."""
+
+    outputs: tuple[str, ...]
+    layers: frozenset[int]
+    key_groups: torch.Tensor | None  # [B, N] group id per absolute key position, -1 = none
+    num_groups: int
+    query_rows: tuple[int, int] | None  # absolute query positions [start, stop); None = all
+    calls: dict[int, list[tuple[int, object]]] = field(default_factory=dict)  # layer -> [(abs row 0, stats)]
+
+
+class StatsRecording:
+    """Attention statistics per layer and forward call (a decode loop makes one call per step)."""
+
+    def __init__(self, request: StatsRequest, n_layers: int):
+        self._request = request
+        self.layers = sorted(request.layers)
+        self._n_layers = n_layers
+
+    @property
+    def n_calls(self) -> int:
+        return min((len(self._request.calls.get(layer, [])) for layer in self.layers), default=0)
+
+    def call(self, index: int = -1) -> dict[int, object]:
+        """``{layer: AttentionStats}`` of one forward call (default: the last)."""
+        return {layer: self._request.calls[layer][index][1] for layer in self.layers}
+
+    def row_start(self, index: int = -1) -> int:
+        """Absolute position of the first recorded query row in that call."""
+        return self._request.calls[self.layers[0]][index][0]
+
+    def stacked(self, name: str, index: int = -1) -> torch.Tensor:
+        """One statistic of one call, stacked over layers: [L, B, H, rows, ...]."""
+        return torch.stack([getattr(self._request.calls[layer][index][1], name) for layer in self.layers])
+
+    def top1_index(self, index: int = -1) -> torch.Tensor:
+        return self.stacked("top1_index", index)
+
+    def group_mass(self, index: int = -1) -> torch.Tensor:
+        return self.stacked("group_mass", index)
+
+
+class ZCapture:
+    """Per-head outputs z ([B, positions, H, d_head]) per layer, from the last forward call."""
+
+    def __init__(self, layers: Iterable[int], positions):
+        self.layers = sorted(layers)
+        self.positions = positions
+        self.z: dict[int, torch.Tensor] = {}
+
+
+# ------------------------------------------------------------------------------------- model
+class HeadModel:
+    """A transformers model with its head geometry; probes and edits per (layer, head)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, name: str | None = None):
+        if hasattr(model, "_model") and type(model).__module__.startswith("nnsight"):
+            model = model._model  # an nnsight LanguageModel wraps the same HF model
+        if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+            raise HeadscopeError(
+                f"HeadModel needs a transformers PreTrainedModel; got {type(model).__name__}. "
+                "Load one with HeadModel.load(path_or_hub_id)."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.adapter, self._layers = hooks.find_layers(model)
+        self.geometry = self._read_geometry()
+        self._depth = 0
+        self._undo_attention: Callable[[], None] | None = None
+        self._hook_handles: list = []
+        self._q_scales: list[tuple[int, torch.Tensor]] = []  # (layer, [H] query multiplier)
+        self._z_edits: list[Callable[[int, torch.Tensor], torch.Tensor]] = []
+        self._z_captures: list[ZCapture] = []
+        self._stats: StatsRequest | None = None
+
+    # --------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, *, device: str | None = None, dtype="float32", **kwargs):
+        """Load a shipped organism (``headscope models``), a local folder or a hub id.
+
+        Causal LMs load through AutoModelForCausalLM, LLaVA-style models through
+        AutoModelForImageTextToText, encoders through AutoModel.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        from headscope import zoo
+
+        source = str(name_or_path)
+        organism = zoo.organism_path(source)
+        if organism is not None:
+            source = str(organism)
+        elif Path(source).exists() and not (Path(source) / "config.json").exists():
+            raise HeadscopeError(f"{source} is a folder without config.json: not a transformers model folder")
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError as exc:
+            raise HeadscopeError(
+                f"could not load {source!r}: it is not a local model folder, not a shipped organism "
+                f"({', '.join(zoo.ORGANISMS)}), and it could not be fetched from the Hugging Face hub "
+                f"({type(exc).__name__}; offline={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it on a "
+                "machine with network access (huggingface-cli download ID --local-dir DIR) and pass the "
+                "local folder, e.g. --model ./DIR"
+            ) from None
+        auto = _auto_class(config)
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        model = auto.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        return cls(model, tokenizer, name=str(name_or_path))
+
+    def _read_geometry(self) -> HeadGeometry:
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_heads = int(text.num_attention_heads)
+        d_model = int(text.hidden_size)
+        head_dim = getattr(text, "head_dim", None) or d_model // n_heads
+        n_kv = int(getattr(text, "num_key_value_heads", None) or n_heads)
+        attention = self._layers[0].attention
+        return HeadGeometry(
+            n_layers=len(self._layers),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=int(head_dim),
+            d_model=d_model,
+            max_positions=getattr(text, "max_position_embeddings", None),
+            causal=bool(getattr(attention, "is_causal", False)),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (
+            f"HeadModel({self.name!r}, {type(self.model).__name__}: {g.n_layers} layers x {g.n_heads} heads "
+            f"({g.n_kv_heads} kv), head_dim {g.head_dim})"
+        )
+
+    # --------------------------------------------------------------------------- heads
+    def check_heads(self, heads: Iterable[Sequence[int]]) -> list[Head]:
+        """Validate (layer, head) pairs; a clear error names the bad ones and the valid ranges."""
+        g = self.geometry
+        out, bad = [], []
+        for item in heads:
+            try:
+                layer, head = (int(x) for x in item)
+            except (TypeError, ValueError):
+                raise HeadscopeError(f"a head is a (layer, head) pair of integers; got {item!r}") from None
+            if not (0 <= layer < g.n_layers and 0 <= head < g.n_heads):
+                bad.append((layer, head))
+            out.append((layer, head))
+        if bad:
+            raise HeadscopeError(
+                f"invalid head(s) {bad}: this model has layers 0..{g.n_layers - 1} and heads 0..{g.n_heads - 1}"
+            )
+        return out
+
+    def all_heads(self) -> list[Head]:
+        return [(layer, head) for layer in range(self.geometry.n_layers) for head in range(self.geometry.n_heads)]
+
+    # --------------------------------------------------------------------------- hook plumbing
+    @contextlib.contextmanager
+    def _hooked(self) -> Iterator[None]:
+        """Install headscope's attention function and o_proj hooks for the block's duration."""
+        if self._depth == 0:
+            self._install()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._uninstall()
+
+    def _install(self) -> None:
+        try:
+            self._undo_attention = hooks.use_headscope_attention(self.model)
+            for layer, modules in enumerate(self._layers):
+                hooks.set_handler(modules.attention, self._attention_handler(layer))
+                self._hook_handles.append(modules.out_proj.register_forward_pre_hook(self._out_proj_hook(layer)))
+        except BaseException:
+            self._uninstall()
+            raise
+
+    def _uninstall(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        for modules in self._layers:
+            hooks.set_handler(modules.attention, None)
+        if self._undo_attention is not None:
+            self._undo_attention()
+            self._undo_attention = None
+
+    def hooks_installed(self) -> bool:
+        """True while any headscope hook is on the model (for tests and sanity checks)."""
+        return bool(self._hook_handles) or any(m.attention in hooks._HANDLERS for m in self._layers)
+
+    @contextlib.contextmanager
+    def _pushed(self, stack: list, item) -> Iterator:
+        stack.append(item)
+        try:
+            with self._hooked():
+                yield item
+        finally:
+            stack.remove(item)
+
+    # --------------------------------------------------------------------------- handlers
+    def _attention_handler(self, layer: int):
+        def handler(module, query, key, value, mask, scaling, **kwargs):
+            scales = [s for l_, s in self._q_scales if l_ == layer]
+            for s in scales:
+                query = query * s.to(device=query.device, dtype=query.dtype).view(1, -1, 1, 1)
+            request = self._stats
+            if request is None or layer not in request.layers:
+                return hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs) if scales else None
+            return self._attention_with_stats(request, layer, module, query, key, value, mask, scaling, **kwargs)
+
+        return handler
+
+    def _attention_with_stats(self, request: StatsRequest, layer, module, query, key, value, mask, scaling, **kwargs):
+        from headscope_kernels import attention_with_stats
+
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            raise HeadscopeError(
+                f"{type(module).__name__} uses attention logit soft-capping or sink logits, which headscope's "
+                "statistics pass does not support yet"
+            )
+        n_q, n_k = query.shape[2], key.shape[2]
+        q_offset = n_k - n_q
+        causal = mask is None and bool(getattr(module, "is_causal", False))
+        lo, hi = 0, n_q
+        if request.query_rows is not None:
+            lo = min(max(request.query_rows[0] - q_offset, 0), n_q)
+            hi = min(max(request.query_rows[1] - q_offset, lo), n_q)
+        if hi <= lo:  # none of this call's rows were asked for
+            return hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)
+        groups = None
+        if request.key_groups is not None:
+            groups = torch.full((query.shape[0], n_k), -1, dtype=torch.long, device=query.device)
+            given = request.key_groups.to(query.device)[:, :n_k]
+            groups[:, : given.shape[1]] = given
+        common = dict(
+            causal=causal,
+            key_groups=groups,
+            num_groups=request.num_groups,
+            sliding_window=kwargs.get("sliding_window"),
+        )
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if lo == 0 and hi == n_q:
+            stats = attention_with_stats(
+                query, key, value, scaling, q_offset=q_offset, attn_mask=mask,
+                outputs=("out",) + request.outputs, **common,
+            )
+            out = stats.out.transpose(1, 2).contiguous()
+        else:
+            out = hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)
+            sub_mask = mask[:, :, lo:hi] if mask is not None and mask.shape[2] == n_q else mask
+            stats = attention_with_stats(
+                query[:, :, lo:hi], key, value, scaling, q_offset=q_offset + lo, attn_mask=sub_mask,
+                outputs=request.outputs, **common,
+            )
+        request.calls.setdefault(layer, []).append((q_offset + lo, stats))
+        return out
+
+    def _out_proj_hook(self, layer: int):
+        g = self.geometry
+
+        def hook(module, args):
+            if not self._z_edits and not self._z_captures:
+                return None
+            z = args[0]
+            zh = z.view(*z.shape[:-1], g.n_heads, g.head_dim)
+            for capture in self._z_captures:
+                if layer in capture.layers:
+                    capture.z[layer] = _select_positions(zh, capture.positions).detach()
+            if not self._z_edits:
+                return None
+            for edit in self._z_edits:
+                zh = edit(layer, zh)
+            return (zh.reshape(z.shape),) + tuple(args[1:])
+
+        return hook
+
+    # --------------------------------------------------------------------------- public probes
+    @contextlib.contextmanager
+    def attention_stats(
+        self,
+        outputs: Sequence[str] = ("top1",),
+        *,
+        layers: Iterable[int] | None = None,
+        key_groups: torch.Tensor | None = None,
+        num_groups: int = 0,
+        query_rows: tuple[int, int] | None = None,
+    ) -> Iterator[StatsRecording]:
+        """Record per-head attention statistics without the [H, N, N] pattern.
+
+        ``outputs``: any of "top1", "group_mass", "lse", "entropy". ``key_groups``: [B, N] (or [N])
+        group id per key position, -1 = none (e.g. 0 on the needle span). ``query_rows``: absolute
+        positions [start, stop) to record (default: every query row of every call).
+        """
+        if self._stats is not None:
+            raise HeadscopeError("attention_stats blocks cannot be nested; close the open one first")
+        layers = set(range(self.geometry.n_layers)) if layers is None else {int(x) for x in layers}
+        if not layers <= set(range(self.geometry.n_layers)):
+            raise HeadscopeError(f"layers must lie in 0..{self.geometry.n_layers - 1}; got {sorted(layers)}")
+        names = {"top1": ("top1",), "group_mass": ("group_mass",), "lse": ("lse",), "entropy": ("entropy",)}
+        unknown = [o for o in outputs if o not in names]
+        if unknown:
+            raise HeadscopeError(f"unknown statistic(s) {unknown}; choose from {sorted(names)}")
+        if "group_mass" in outputs and (key_groups is None or num_groups < 1):
+            raise HeadscopeError("group_mass needs key_groups (a group id per key) and num_groups >= 1")
+        if key_groups is not None:
+            key_groups = torch.as_tensor(key_groups, dtype=torch.long)
+            if key_groups.dim() == 1:
+                key_groups = key_groups.unsqueeze(0)
+        request = StatsRequest(tuple(outputs), frozenset(layers), key_groups, num_groups, query_rows)
+        self._stats = request
+        try:
+            with self._hooked():
+                yield StatsRecording(request, self.geometry.n_layers)
+        finally:
+            self._stats = None
+        silent = [layer for layer in layers if layer not in request.calls]
+        if request.calls and silent:
+            raise HeadscopeError(
+                f"layers {sorted(silent)} of {type(self.model).__name__} did not call transformers' attention "
+                "registry, so their attention can't be hooked"
+            )
+
+    @contextlib.contextmanager
+    def capture_z(self, layers: Iterable[int] | None = None, positions="all") -> Iterator[ZCapture]:
+        """Capture each head's output z (the o_proj input) as [B, positions, H, d_head].
+
+        ``positions``: "all", "last", an int, a slice or a list of ints.
+        """
+        layers = range(self.geometry.n_layers) if layers is None else layers
+        with self._pushed(self._z_captures, ZCapture(layers, positions)) as capture:
+            yield capture
+
+    # --------------------------------------------------------------------------- edits
+    @contextlib.contextmanager
+    def edit_z(self, edit: Callable[[int, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Apply ``edit(layer, z)`` to the per-head outputs z [B, S, H, d] of every layer."""
+        with self._pushed(self._z_edits, edit):
+            yield
+
+    @contextlib.contextmanager
+    def scale_queries(self, layer: int, scale: torch.Tensor) -> Iterator[None]:
+        """Multiply one layer's queries per head by ``scale`` [H] (0 gives uniform attention)."""
+        with self._pushed(self._q_scales, (layer, scale)):
+            yield
+
+    @contextlib.contextmanager
+    def ablate(self, heads: Iterable[Sequence[int]], mode: str = "zero") -> Iterator[None]:
+        """Ablate heads: ``zero`` their output z, or give them ``uniform`` attention (query = 0)."""
+        heads = self.check_heads(heads)
+        if mode not in ("zero", "uniform"):
+            raise HeadscopeError(f"unknown ablation mode {mode!r}; choose 'zero' or 'uniform'")
+        masks = head_masks(heads, self.geometry.n_layers, self.geometry.n_heads)
+        with contextlib.ExitStack() as stack:
+            if mode == "zero":
+
+                def zero(layer: int, z: torch.Tensor) -> torch.Tensor:
+                    keep = (~masks[layer]).to(device=z.device, dtype=z.dtype)
+                    return z * keep.view(1, 1, -1, 1) if masks[layer].any() else z
+
+                stack.enter_context(self.edit_z(zero))
+            else:
+                for layer in sorted({layer for layer, _ in heads}):
+                    stack.enter_context(self.scale_queries(layer, (~masks[layer]).float()))
+            with self._hooked():
+                yield
+
+
+def head_masks(heads: Iterable[Head], n_layers: int, n_heads: int) -> torch.Tensor:
+    """Boolean [layers, heads] mask, True on the given heads."""
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer, head in heads:
+        mask[layer, head] = True
+    return mask
+
+
+def _select_positions(z: torch.Tensor, positions) -> torch.Tensor:
+    if isinstance(positions, str):
+        if positions == "all":
+            return z
+        if positions == "last":
+            return z[:, -1:]
+        raise HeadscopeError(f"positions must be 'all', 'last', an int, a slice or a list; got {positions!r}")
+    if isinstance(positions, int):
+        return z[:, positions : positions + 1] if positions != -1 else z[:, -1:]
+    if isinstance(positions, slice):
+        return z[:, positions]
+    return z[:, list(positions)]
+
+
+def _auto_class(config):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    archs = getattr(config, "architectures", None) or []
+    if any("ConditionalGeneration" in a or "ImageTextToText" in a for a in archs) or hasattr(config, "vision_config"):
+        return AutoModelForImageTextToText
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or getattr(config, "is_decoder", False):
+        return AutoModelForCausalLM
+    if not archs and config.model_type in ("llama", "gpt2", "qwen2", "mistral", "gemma", "phi3"):
+        return AutoModelForCausalLM
+    return AutoModel

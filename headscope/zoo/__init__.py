@@ -1,0 +1,39 @@
+"""Model organisms: tiny models trained by the project's own scripts, shipped with their weights,
+tokenizer and a measured ground truth, so analyzers can be checked against a known answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ZOO_DIR = Path(__file__).resolve().parent
+
+ORGANISMS: dict[str, str] = {
+    "retrieval": "Tiny Llama (GQA) trained on synthetic needle-in-a-haystack retrieval "
+    "(python -m headscope.zoo.train_retrieval)",
+}
+
+DEFAULT_MODEL = "retrieval"
+
+
+def organism_path(name: str) -> Path | None:
+    """Folder of a shipped organism, or None if ``name`` is not one."""
+    name = name.removeprefix("organism:")
+    if name not in ORGANISMS:
+        return None
+    return ZOO_DIR / name
+
+
+def organism_info(name: str) -> dict:
+    """The organism's ``organism.json`` (description, default task grid, training record)."""
+    path = organism_path(name)
+    if path is None or not (path / "organism.json").exists():
+        return {}
+    return json.loads((path / "organism.json").read_text())
+
+
+def ground_truth_path(name: str) -> Path | None:
+    path = organism_path(name)
+    if path is None or not (path / "ground_truth.csv").exists():
+        return None
+    return path / "ground_truth.csv"
