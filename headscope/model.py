@@ -116,9 +116,10 @@ class HeadModel:
         self._undo_attention: Callable[[], None] | None = None
         self._hook_handles: list = []
         self._q_scales: list[tuple[int, torch.Tensor]] = []  # (layer, [H] query multiplier)
-        self._z_edits: list[Callable[[int, torch.Tensor], torch.Tensor]] = []
+        self._z_edits: list[Callable[[int, torch.Tensor, range], torch.Tensor]] = []
         self._z_captures: list[ZCapture] = []
         self._stats: StatsRequest | None = None
+        self._positions: dict[int, range] = {}  # layer -> absolute positions of the current call
 
     # --------------------------------------------------------------------------- loading
     @classmethod
@@ -261,6 +262,8 @@ class HeadModel:
     # --------------------------------------------------------------------------- handlers
     def _attention_handler(self, layer: int):
         def handler(module, query, key, value, mask, scaling, **kwargs):
+            n_q, n_k = query.shape[2], key.shape[2]
+            self._positions[layer] = range(n_k - n_q, n_k)  # absolute rows of this call
             scales = [s for l_, s in self._q_scales if l_ == layer]
             for s in scales:
                 query = query * s.to(device=query.device, dtype=query.dtype).view(1, -1, 1, 1)
@@ -329,8 +332,11 @@ class HeadModel:
                     capture.z[layer] = _select_positions(zh, capture.positions).detach()
             if not self._z_edits:
                 return None
+            positions = self._positions.get(layer, range(zh.shape[1]))
+            if len(positions) != zh.shape[1]:
+                positions = range(zh.shape[1])
             for edit in self._z_edits:
-                zh = edit(layer, zh)
+                zh = edit(layer, zh, positions)
             return (zh.reshape(z.shape),) + tuple(args[1:])
 
         return hook
@@ -393,8 +399,13 @@ class HeadModel:
 
     # --------------------------------------------------------------------------- edits
     @contextlib.contextmanager
-    def edit_z(self, edit: Callable[[int, torch.Tensor], torch.Tensor]) -> Iterator[None]:
-        """Apply ``edit(layer, z)`` to the per-head outputs z [B, S, H, d] of every layer."""
+    def edit_z(self, edit: Callable[[int, torch.Tensor, range], torch.Tensor]) -> Iterator[None]:
+        """Apply ``edit(layer, z, positions)`` to the per-head outputs z [B, S, H, d] of every layer.
+
+        ``positions`` are the absolute positions of z's S rows in this call (with a KV cache, a
+        decode step's single row sits at the cache length), so edits can tell prefill from decode.
+        The edit must return a new tensor (no in-place change), which keeps it differentiable.
+        """
         with self._pushed(self._z_edits, edit):
             yield
 
@@ -414,7 +425,7 @@ class HeadModel:
         with contextlib.ExitStack() as stack:
             if mode == "zero":
 
-                def zero(layer: int, z: torch.Tensor) -> torch.Tensor:
+                def zero(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
                     keep = (~masks[layer]).to(device=z.device, dtype=z.dtype)
                     return z * keep.view(1, 1, -1, 1) if masks[layer].any() else z
 

@@ -1,0 +1,20 @@
+"""Command-line tasks, one module each, found through these lists.
+
+A task module (``headscope score|eval --task NAME``) defines:
+
+    TASKS: tuple[str, ...]                   names it answers to, e.g. ("needle",)
+    DEFAULT_MODEL: str                       model used when --model is not given
+    add_arguments(parser, command) -> None   its own options; command is "score" or "eval"
+    score(args, hm) -> HeadScores            (optional) score every head
+    evaluate(args, hm) -> dict[str, float]   (optional) the task metric(s); the last one is printed
+                                             last, e.g. {"accuracy": 0.93}. Runs inside whatever
+                                             intervention the eval flags (--ablate, --random, ...) set up.
+
+A command module (``headscope NAME``) defines NAME, HELP, add_arguments(parser) and run(args) -> int.
+"""
+
+TASK_MODULES = [
+    "headscope.commands.needle",
+]
+
+COMMAND_MODULES: list[str] = []

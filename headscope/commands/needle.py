@@ -1,0 +1,75 @@
+"""``--task needle``: retrieval-head scores and needle-in-a-haystack accuracy."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from headscope import zoo
+from headscope.errors import HeadscopeError
+
+TASKS = ("needle",)
+DEFAULT_MODEL = "retrieval"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--lengths", type=_int_list, help="context lengths in tokens, comma-separated")
+    parser.add_argument("--depths", type=_float_list, help="needle depths in percent, comma-separated")
+    parser.add_argument("--needles", help="JSONL file of needles: {needle, question, answer} per line")
+    parser.add_argument("--haystack", help="text file of filler sentences")
+    parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
+    if command == "score":
+        parser.add_argument("--variant", choices=("teacher-forced", "decode"), default="teacher-forced")
+
+
+def trials(args, hm):
+    """The length x depth x needle grid for this model (an organism carries its own default grid)."""
+    from headscope.tasks.needle import NeedleTask
+
+    grid = zoo.organism_info(args.model).get("needle", {})
+    lengths = args.lengths or grid.get("lengths")
+    if lengths is None:  # the reference grid, cut at the model's positions
+        limit = hm.geometry.max_positions or 50000
+        lengths = [int(n) for n in np.linspace(1000, 50000, 20) if n <= limit - 64] or [min(1000, limit - 64)]
+    depths = args.depths or grid.get("depths") or list(np.linspace(0, 100, 10))
+    if hm.tokenizer is None:
+        raise HeadscopeError(f"{args.model} has no tokenizer files; the needle task needs one")
+    task = NeedleTask(
+        hm.tokenizer,
+        needles=args.needles,
+        haystack=args.haystack,
+        lengths=lengths,
+        depths=depths,
+        use_chat_template={"auto": "auto", "on": True, "off": False}[args.chat_template],
+        max_positions=hm.geometry.max_positions,
+    )
+    return task.trials()
+
+
+def score(args, hm):
+    from headscope.analyzers.retrieval import retrieval_heads
+
+    grid = trials(args, hm)
+    return retrieval_heads(hm, grid, variant=args.variant, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def evaluate(args, hm) -> dict[str, float]:
+    from headscope.analyzers.retrieval import needle_accuracy
+
+    records = needle_accuracy(hm, trials(args, hm), batch_size=args.batch_size, progress=not args.quiet)
+    return {"accuracy": float(records["correct"].mean())}
