@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -52,6 +53,7 @@ class StatsRequest:
     key_groups: torch.Tensor | None  # [B, N] group id per absolute key position, -1 = none
     num_groups: int
     query_rows: tuple[int, int] | None  # absolute query positions [start, stop); None = all
+    match_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # key ids, query ids: [C, B, N] each
     calls: dict[int, list[tuple[int, object]]] = field(default_factory=dict)  # layer -> [(abs row 0, stats)]
 
 
@@ -275,7 +277,7 @@ class HeadModel:
         return handler
 
     def _attention_with_stats(self, request: StatsRequest, layer, module, query, key, value, mask, scaling, **kwargs):
-        from headscope_kernels import attention_with_stats
+        from headscope_kernels import attention_received, attention_with_stats
 
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
             raise HeadscopeError(
@@ -296,27 +298,34 @@ class HeadModel:
             groups = torch.full((query.shape[0], n_k), -1, dtype=torch.long, device=query.device)
             given = request.key_groups.to(query.device)[:, :n_k]
             groups[:, : given.shape[1]] = given
-        common = dict(
-            causal=causal,
-            key_groups=groups,
-            num_groups=request.num_groups,
-            sliding_window=kwargs.get("sliding_window"),
-        )
+        common = dict(causal=causal, sliding_window=kwargs.get("sliding_window"))
+        extra = {}
+        if request.match_ids is not None:
+            key_ids, query_ids = (ids.to(query.device) for ids in request.match_ids)
+            extra["key_match_ids"] = _fit(key_ids, n_k)
+            extra["query_match_ids"] = _fit(query_ids[..., q_offset + lo :], hi - lo)
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        sub_mask = mask[:, :, lo:hi] if mask is not None and mask.shape[2] == n_q else mask
+        kernel_outputs = tuple(o for o in request.outputs if o != "received")
         if lo == 0 and hi == n_q:
             stats = attention_with_stats(
-                query, key, value, scaling, q_offset=q_offset, attn_mask=mask,
-                outputs=("out",) + request.outputs, **common,
+                query, key, value, scaling, q_offset=q_offset, attn_mask=mask, key_groups=groups,
+                num_groups=request.num_groups, outputs=("out", "lse") + kernel_outputs, **common, **extra,
             )
             out = stats.out.transpose(1, 2).contiguous()
         else:
             out = hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)
-            sub_mask = mask[:, :, lo:hi] if mask is not None and mask.shape[2] == n_q else mask
             stats = attention_with_stats(
                 query[:, :, lo:hi], key, value, scaling, q_offset=q_offset + lo, attn_mask=sub_mask,
-                outputs=request.outputs, **common,
+                key_groups=groups, num_groups=request.num_groups, outputs=("lse",) + kernel_outputs,
+                **common, **extra,
             )
-        request.calls.setdefault(layer, []).append((q_offset + lo, stats))
+        record = SimpleNamespace(**{k: v for k, v in vars(stats).items() if k != "out"})
+        if "received" in request.outputs:
+            record.received = attention_received(
+                query[:, :, lo:hi], key, scaling, stats.lse, q_offset=q_offset + lo, attn_mask=sub_mask, **common
+            )
+        request.calls.setdefault(layer, []).append((q_offset + lo, record))
         return out
 
     def _out_proj_hook(self, layer: int):
@@ -351,29 +360,38 @@ class HeadModel:
         key_groups: torch.Tensor | None = None,
         num_groups: int = 0,
         query_rows: tuple[int, int] | None = None,
+        match_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Iterator[StatsRecording]:
         """Record per-head attention statistics without the [H, N, N] pattern.
 
-        ``outputs``: any of "top1", "group_mass", "lse", "entropy". ``key_groups``: [B, N] (or [N])
-        group id per key position, -1 = none (e.g. 0 on the needle span). ``query_rows``: absolute
-        positions [start, stop) to record (default: every query row of every call).
+        ``outputs``: any of "top1" (top1_index, top1_weight), "group_mass", "lse", "entropy",
+        "received" (attention each key receives, summed over the recorded query rows: [B, H, Nk]),
+        "match_mass" (mass on keys whose match id equals the query's: [B, H, rows, C]).
+        ``key_groups``: [B, N] (or [N]) group id per key position, -1 = none (e.g. 0 on the needle
+        span). ``query_rows``: absolute positions [start, stop) to record (default: all rows).
+        ``match_ids``: (key ids, query ids), each [C, B, N] over absolute positions; ids < 0 never
+        match (e.g. previous-token: key id = position, query id = position - 1).
         """
         if self._stats is not None:
             raise HeadscopeError("attention_stats blocks cannot be nested; close the open one first")
         layers = set(range(self.geometry.n_layers)) if layers is None else {int(x) for x in layers}
         if not layers <= set(range(self.geometry.n_layers)):
             raise HeadscopeError(f"layers must lie in 0..{self.geometry.n_layers - 1}; got {sorted(layers)}")
-        names = {"top1": ("top1",), "group_mass": ("group_mass",), "lse": ("lse",), "entropy": ("entropy",)}
+        names = ("top1", "group_mass", "lse", "entropy", "received", "match_mass")
         unknown = [o for o in outputs if o not in names]
         if unknown:
-            raise HeadscopeError(f"unknown statistic(s) {unknown}; choose from {sorted(names)}")
+            raise HeadscopeError(f"unknown statistic(s) {unknown}; choose from {list(names)}")
+        if "match_mass" in outputs and match_ids is None:
+            raise HeadscopeError("match_mass needs match_ids=(key ids, query ids), each [C, B, N]")
+        if match_ids is not None:
+            match_ids = tuple(_as_channels(torch.as_tensor(ids, dtype=torch.long)) for ids in match_ids)
         if "group_mass" in outputs and (key_groups is None or num_groups < 1):
             raise HeadscopeError("group_mass needs key_groups (a group id per key) and num_groups >= 1")
         if key_groups is not None:
             key_groups = torch.as_tensor(key_groups, dtype=torch.long)
             if key_groups.dim() == 1:
                 key_groups = key_groups.unsqueeze(0)
-        request = StatsRequest(tuple(outputs), frozenset(layers), key_groups, num_groups, query_rows)
+        request = StatsRequest(tuple(outputs), frozenset(layers), key_groups, num_groups, query_rows, match_ids)
         self._stats = request
         try:
             with self._hooked():
@@ -443,6 +461,21 @@ def head_masks(heads: Iterable[Head], n_layers: int, n_heads: int) -> torch.Tens
     for layer, head in heads:
         mask[layer, head] = True
     return mask
+
+
+def _as_channels(ids: torch.Tensor) -> torch.Tensor:
+    """Match ids as [C, B, N] from [N], [B, N] or [C, B, N]."""
+    while ids.dim() < 3:
+        ids = ids.unsqueeze(0)
+    return ids
+
+
+def _fit(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n positions of [..., N] ids, padded with -1 (never matches) if N < n."""
+    if ids.shape[-1] >= n:
+        return ids[..., :n].contiguous()
+    pad = torch.full((*ids.shape[:-1], n - ids.shape[-1]), -1, dtype=ids.dtype, device=ids.device)
+    return torch.cat([ids, pad], dim=-1)
 
 
 def _select_positions(z: torch.Tensor, positions) -> torch.Tensor:

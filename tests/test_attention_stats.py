@@ -124,3 +124,14 @@ def test_stats_requests_are_validated():
 def test_unsupported_architecture_is_named():
     with pytest.raises(HeadscopeError, match="Sequential"):
         HeadModel(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_attention_received_equals_eager_column_sums(kind):
+    model = tiny_model(kind)
+    hm = HeadModel(model)
+    ids = torch.randint(0, 128, (2, 18), generator=torch.Generator().manual_seed(5))
+    pattern = eager_attentions(model, input_ids=ids)
+    with torch.no_grad(), hm.attention_stats(["received"], query_rows=(6, 18)) as rec:
+        model(ids)
+    torch.testing.assert_close(rec.stacked("received"), pattern[..., 6:18, :].sum(-2), atol=1e-5, rtol=0)
