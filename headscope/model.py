@@ -267,8 +267,9 @@ class HeadModel:
             n_q, n_k = query.shape[2], key.shape[2]
             self._positions[layer] = range(n_k - n_q, n_k)  # absolute rows of this call
             scales = [s for l_, s in self._q_scales if l_ == layer]
-            for s in scales:
-                query = query * s.to(device=query.device, dtype=query.dtype).view(1, -1, 1, 1)
+            for s in scales:  # [H], or [B, H] for a different edit per batch row
+                s = s.to(device=query.device, dtype=query.dtype)
+                query = query * (s.view(1, -1, 1, 1) if s.dim() == 1 else s.view(*s.shape, 1, 1))
             request = self._stats
             if request is None or layer not in request.layers:
                 return hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs) if scales else None
@@ -429,7 +430,11 @@ class HeadModel:
 
     @contextlib.contextmanager
     def scale_queries(self, layer: int, scale: torch.Tensor) -> Iterator[None]:
-        """Multiply one layer's queries per head by ``scale`` [H] (0 gives uniform attention)."""
+        """Multiply one layer's queries per head by ``scale`` ([H], or [B, H] per batch row).
+
+        0 gives uniform attention over the allowed keys; a small eps is the Ships ablation.
+        RoPE is linear, so scaling q after RoPE equals scaling it before.
+        """
         with self._pushed(self._q_scales, (layer, scale)):
             yield
 

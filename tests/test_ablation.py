@@ -106,3 +106,19 @@ def test_invalid_heads_are_rejected_with_ranges():
         with hm.ablate([(0, 0)], mode="mean-ish"):
             pass
     assert not hm.hooks_installed()
+
+
+def test_per_row_query_scales_equal_separate_runs():
+    model = tiny_model("llama")
+    hm = HeadModel(model)
+    ids = IDS[:1].repeat(2, 1)
+    scale = torch.ones(2, 4)
+    scale[1, 3] = 0.0  # row 1: head 3 of layer 0 uniform; row 0 untouched
+    with torch.no_grad():
+        with hm.scale_queries(0, scale):
+            both = model(ids).logits
+        plain = model(ids[:1]).logits
+        with hm.ablate([(0, 3)], mode="uniform"):
+            ablated = model(ids[:1]).logits
+    torch.testing.assert_close(both[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], ablated[0], atol=1e-5, rtol=1e-5)
