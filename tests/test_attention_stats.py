@@ -122,8 +122,13 @@ def test_stats_requests_are_validated():
 
 
 def test_unsupported_architecture_is_named():
-    with pytest.raises(HeadscopeError, match="Sequential"):
+    import transformers as tf
+
+    with pytest.raises(HeadscopeError, match="needs a transformers PreTrainedModel; got Sequential"):
         HeadModel(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    mamba = tf.MambaForCausalLM(tf.MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=32, state_size=4))
+    with pytest.raises(HeadscopeError, match="cannot find the attention layers of MambaForCausalLM"):
+        HeadModel(mamba)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

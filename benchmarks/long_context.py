@@ -1,0 +1,202 @@
+"""Long-context head statistics: time and peak memory per method and context length.
+
+    python benchmarks/long_context.py --lengths 1024,4096,8192,16384,32768 --json benchmarks/long_context.json
+
+Methods, on one random-init Llama-shaped model (GQA):
+  eager      transformers eager attention + output_attentions (the full pattern of every layer)
+  tl         TransformerLens 4 TransformerBridge.run_with_cache for blocks.*.attn.hook_pattern
+  headscope  headscope statistics pass (top-1 key, group mass, entropy for every head and row)
+  sdpa       plain SDPA forward: the floor
+Each (method, length) runs in its own subprocess so its peak RSS is its own. A method whose
+estimated memory exceeds what the machine has free is recorded as such, not run.
+
+Also (--needle-length, default 8192): needle scoring of one trial, headscope teacher-forced (one
+pass) vs the decode approach as done with transformers (generate with eager attention and
+output_attentions, hits read from the returned patterns), and headscope's own decode variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=1024, vocab_size=2000, max_position_embeddings=65536)
+METHODS = ("eager", "tl", "headscope", "sdpa")
+
+
+def _available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 16 << 30
+
+
+def estimated_bytes(method: str, n: int) -> int:
+    """Attention-pattern memory the method must hold (fp32), beyond the model itself."""
+    layers, heads = MODEL["num_hidden_layers"], MODEL["num_attention_heads"]
+    pattern = heads * n * n * 4
+    if method == "eager":  # all layers' patterns are returned, plus scores/softmax temporaries
+        return (layers + 2) * pattern
+    if method == "tl":  # cached patterns of every layer, plus scores and the pattern being built
+        return (layers + 3) * pattern
+    return 0
+
+
+def build_model(folder: Path) -> None:
+    import torch
+    import transformers as tf
+
+    from headscope.tasks.needle import DEFAULT_TEMPLATE, load_haystack, load_needles
+    from headscope.zoo.training import build_word_tokenizer
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**MODEL))
+    model.save_pretrained(folder)
+    needles = load_needles()
+    texts = load_haystack() + [n.needle for n in needles] + [n.question for n in needles] + [DEFAULT_TEMPLATE]
+    build_word_tokenizer(texts).save_pretrained(folder)
+
+
+def _child(method: str, n: int, folder: str) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    ids = torch.randint(10, MODEL["vocab_size"], (1, n))
+    if method == "tl":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(folder, device="cpu")
+        run = lambda: bridge.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))  # noqa: E731
+    else:
+        from headscope.model import HeadModel
+
+        hm = HeadModel.load(folder)
+        if method == "eager":
+            hm.model.set_attn_implementation("eager")
+            run = lambda: hm.model(ids, output_attentions=True)  # noqa: E731
+        elif method == "sdpa":
+            run = lambda: hm.model(ids)  # noqa: E731
+        else:
+            groups = torch.full((1, n), -1)
+            groups[0, n // 2 : n // 2 + 16] = 0  # a needle-sized key group
+
+            def run():
+                with hm.attention_stats(["top1", "group_mass", "entropy"], key_groups=groups, num_groups=1):
+                    return hm.model(ids)
+
+    with torch.no_grad():  # warm-up on a short input (first-call overheads), then the timed run
+        full, ids = ids, ids[:, :128]
+        run()
+        ids = full
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with torch.no_grad():
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"time_s": round(elapsed, 3), "peak_mb": round(peak, 1), "setup_mb": round(before, 1)}
+
+
+def _needle_child(n: int, folder: str) -> dict:
+    import torch
+
+    from headscope.analyzers.retrieval import _hits, _score_decode, _score_teacher_forced
+    from headscope.model import HeadModel
+    from headscope.tasks.needle import NeedleTask
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hm = HeadModel.load(folder)
+    task = NeedleTask(hm.tokenizer, lengths=[256, n], depths=[50], use_chat_template=False)
+    warm, trial = task.trials()[0], task.trials()[-1]
+    out = {"length": n, "answer_tokens": len(trial.answer_ids)}
+    with torch.no_grad():
+        _score_teacher_forced(hm, [warm], [0], 0)  # warm-up: first-call overheads
+        _score_decode(hm, [warm], [0], 0)
+        start = time.perf_counter()
+        _score_teacher_forced(hm, [trial], [0], 0)
+        out["headscope_teacher_forced_s"] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        _score_decode(hm, [trial], [0], 0)
+        out["headscope_decode_s"] = round(time.perf_counter() - start, 3)
+        # the decode approach as done with transformers: eager attention, output_attentions
+        hm.model.set_attn_implementation("eager")
+        ids = torch.tensor([trial.prompt_ids])
+        start = time.perf_counter()
+        gen = hm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(trial.answer_ids),
+                                do_sample=False, output_attentions=True, return_dict_in_generate=True,
+                                pad_token_id=0)
+        seq = gen.sequences
+        for step, attentions in enumerate(gen.attentions):  # per step: per layer [1, H, q, k]
+            top1 = torch.stack([a[:, :, -1:] for a in attentions]).argmax(-1)
+            target = seq[:, ids.shape[1] + step : ids.shape[1] + step + 1]
+            _hits(top1, seq, [trial.needle_span], target)
+        out["transformers_decode_output_attentions_s"] = round(time.perf_counter() - start, 3)
+    out["speedup_vs_transformers_decode"] = round(
+        out["transformers_decode_output_attentions_s"] / out["headscope_teacher_forced_s"], 1)
+    out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--needle-length", type=int, default=8192, help="0 skips the needle comparison")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "N", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        method, n, folder = args.child
+        result = _needle_child(int(n), folder) if method == "needle" else _child(method, int(n), folder)
+        print(json.dumps(result))
+        return
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "llama"
+        build_model(folder)
+
+        def child(method: str, n: int) -> dict:
+            run = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(folder)],
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            if run.returncode != 0:
+                return {"status": "failed", "error": run.stderr.strip().splitlines()[-1:]}
+            return {"status": "ok", **json.loads(run.stdout.strip().splitlines()[-1])}
+
+        for n in [int(x) for x in args.lengths.split(",")]:
+            for method in args.methods.split(","):
+                need = estimated_bytes(method, n)
+                if need > 0.8 * _available_bytes():
+                    row = {"status": "exceeds memory", "estimated_gb": round(need / 2**30, 1)}
+                else:
+                    row = child(method, n)
+                row = {"length": n, "method": method, **row}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        needle = child("needle", args.needle_length) if args.needle_length else None
+        if needle:
+            print(json.dumps(needle), flush=True)
+
+    report = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",
+        "model": MODEL,
+        "results": results,
+        "needle": needle,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Retrieval heads: hand-computed hits, an eager reference loop, variant agreement, organism truth."""
+
+import json
+
+import pytest
+import torch
+
+from headscope import zoo
+from headscope.analyzers.retrieval import _hits, needle_accuracy, retrieval_heads
+from headscope.errors import HeadscopeError
+from headscope.scores import HeadScores
+from headscope.tasks.needle import NeedleTask, rouge1_recall
+
+
+def test_hits_hand_computed():
+    # one trial, sequence tokens; needle span [2, 5) holds tokens 7 8 9
+    seq = torch.tensor([[1, 2, 7, 8, 9, 3, 7, 8]])
+    targets = torch.tensor([[7, 8, 9]])  # tokens produced at three steps
+    # top-1 keys for 1 layer x 2 heads x 3 steps
+    top1 = torch.tensor([[[[2, 3, 4], [6, 3, 0]]]])
+    hits = _hits(top1, seq, [(2, 5)], targets)
+    # head 0: keys 2,3,4 hold 7,8,9 = targets, all inside the span -> 3 hits
+    # head 1: key 6 holds 7 but lies outside the span; key 3 holds 8 (hit); key 0 outside -> 1 hit
+    assert hits[0, 0].sum(-1).tolist() == [3, 1]
+
+
+def organism_trials(hm, lengths=None, depths=None):
+    grid = zoo.organism_info("retrieval")["needle"]
+    return NeedleTask(hm.tokenizer, lengths=lengths or grid["lengths"], depths=depths or grid["depths"],
+                      use_chat_template=False).trials()
+
+
+def reference_decode_scores(model, trial):
+    """The reference's loop, written independently: eager attention, output_attentions per step."""
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        start, stop = trial.needle_span
+        seq = list(trial.prompt_ids)
+        with torch.no_grad():
+            cache = model(torch.tensor([seq[:-1]]), use_cache=True).past_key_values
+            current = seq[-1]
+            scores = None
+            generated = []
+            for _ in range(len(trial.answer_ids)):
+                out = model(torch.tensor([[current]]), past_key_values=cache, use_cache=True, output_attentions=True)
+                cache = out.past_key_values
+                token = int(out.logits[0, -1].argmax())
+                pattern = torch.stack(out.attentions)[:, 0, :, -1]  # [L, H, keys]
+                if scores is None:
+                    scores = torch.zeros(pattern.shape[:2])
+                for layer in range(pattern.shape[0]):
+                    for head in range(pattern.shape[1]):
+                        j = int(pattern[layer, head].argmax())
+                        if start <= j < stop and seq[j] == token:
+                            scores[layer, head] += 1 / (stop - start)
+                seq.append(token)
+                generated.append(token)
+                current = token
+        return scores, rouge1_recall(generated, trial.answer_ids) > 0.5
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def test_decode_variant_equals_eager_reference_loop(organism):
+    trials = organism_trials(organism, lengths=[256], depths=[0, 50, 100])[:6]
+    scores = retrieval_heads(organism, trials, variant="decode", progress=False)
+    counted = 0
+    for trial, mine in zip(trials, scores.per_trial):
+        reference, ok = reference_decode_scores(organism.model, trial)
+        assert (mine is not None) == ok
+        if ok:
+            counted += 1
+            torch.testing.assert_close(mine, reference, atol=1e-6, rtol=0)
+    assert counted >= 4
+
+
+def test_teacher_forced_agrees_with_decode_on_correct_trials(organism):
+    trials = organism_trials(organism)[::3]
+    tf = retrieval_heads(organism, trials, variant="teacher-forced", progress=False)
+    dec = retrieval_heads(organism, trials, variant="decode", progress=False)
+    both = [(a, b) for a, b in zip(tf.per_trial, dec.per_trial) if a is not None and b is not None]
+    assert len(both) >= 0.8 * len(trials)
+    for a, b in both:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_encoder_and_empty_inputs_are_refused(minilm_path):
+    from headscope.model import HeadModel
+
+    with pytest.raises(HeadscopeError, match="encoder"):
+        retrieval_heads(HeadModel.load(minilm_path), [None])
+    with pytest.raises(HeadscopeError, match="no needle trials"):
+        retrieval_heads(HeadModel.load("retrieval"), [])
+
+
+@pytest.fixture(scope="module")
+def organism_scores(organism):
+    return retrieval_heads(organism, organism_trials(organism), progress=False)
+
+
+def test_organism_retrieves(organism):
+    records = needle_accuracy(organism, organism_trials(organism), progress=False)
+    assert records["correct"].mean() >= 0.9
+
+
+def test_scores_recover_the_organisms_ground_truth(organism, organism_scores):
+    """Retrieval scores rank heads like the measured single-head ablation drop."""
+    import pandas as pd
+
+    table = pd.read_csv(zoo.ground_truth_path("retrieval"))
+    drop = torch.zeros(organism.geometry.n_layers, organism.geometry.n_heads)
+    for row in table.itertuples():
+        drop[row.layer, row.head] = row.drop
+    truth = HeadScores(drop, "ablation drop")
+    agreement = organism_scores.compare(truth, k=3)
+    assert agreement["spearman"] >= 0.5, agreement
+    assert truth.top(1)[0] in organism_scores.top(3)  # the most causal head is among the top 3
+
+
+def test_ablating_top_retrieval_heads_breaks_retrieval(organism, organism_scores):
+    k = organism.geometry.n_total // 10
+    trials = organism_trials(organism)
+    with organism.ablate(organism_scores.top(k)):
+        broken = needle_accuracy(organism, trials, progress=False)["correct"].mean()
+    assert broken <= 0.3
+
+
+@pytest.mark.slow
+def test_ablating_random_heads_keeps_retrieval(organism, organism_scores):
+    import random
+
+    k = organism.geometry.n_total // 10
+    trials = organism_trials(organism)
+    pool = [h for h in organism.all_heads() if h not in organism_scores.top(k)]
+    rng = random.Random(0)
+    accs = []
+    for _ in range(5):
+        with organism.ablate(rng.sample(pool, k)):
+            accs.append(needle_accuracy(organism, trials, progress=False)["correct"].mean())
+    assert sum(accs) / len(accs) >= 0.8
+
+
+def test_ground_truth_file_is_consistent():
+    summary = json.loads((zoo.organism_path("retrieval") / "ground_truth.json").read_text())
+    assert summary["base_accuracy"] >= 0.9
