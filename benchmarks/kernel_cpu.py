@@ -1,0 +1,82 @@
+"""CPU speed of headscope_kernels' torch path against torch's fused SDPA.
+
+Causal, Llama-like GQA shape scaled to fit a small box (default H=8, Hkv=2, d=64,
+fp32). SDPA gets K/V already repeated to H heads (built outside the timing); ours
+uses GQA by index. Each figure is the best of --repeats interleaved runs. Prints
+one line per size and writes the figures to benchmarks/kernel_cpu.json.
+
+    python benchmarks/kernel_cpu.py [--sizes 8192 16384] [--repeats 3]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from headscope_kernels import attention_with_stats
+
+
+def best_times(fns, repeats):
+    """Min wall time of each function, runs interleaved so they share the machine's load."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--block-q", type=int, default=None)
+    ap.add_argument("--block-k", type=int, default=None)
+    ap.add_argument("--stats", action="store_true", help="also time all statistics")
+    ap.add_argument("--json", default=str(Path(__file__).with_name("kernel_cpu.json")))
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    H, Hkv, d = args.heads, args.kv_heads, args.head_dim
+    rows = []
+    for N in args.sizes:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, H, N, d, generator=g)
+        k = torch.randn(1, Hkv, N, d, generator=g)
+        v = torch.randn(1, Hkv, N, d, generator=g)
+        k_rep, v_rep = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+        scale = d ** -0.5
+        fns = [
+            lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale),
+            lambda: attention_with_stats(q, k, v, scale, causal=True, backend="torch",
+                                         block_q=args.block_q, block_k=args.block_k),
+        ]
+        if args.stats:
+            fns.append(lambda: attention_with_stats(
+                q, k, v, scale, causal=True, backend="torch", outputs=("out", "lse", "top1", "entropy"),
+                block_q=args.block_q, block_k=args.block_k))
+        with torch.inference_mode():
+            times = best_times(fns, args.repeats)
+        row = dict(N=N, H=H, Hkv=Hkv, d=d, dtype="float32", threads=torch.get_num_threads(),
+                   sdpa_s=round(times[0], 4), ours_out_s=round(times[1], 4),
+                   ratio_out=round(times[1] / times[0], 3))
+        if args.stats:
+            row.update(ours_stats_s=round(times[2], 4), ratio_stats=round(times[2] / times[0], 3))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

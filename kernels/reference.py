@@ -1,0 +1,319 @@
+"""Exact attention with streamed statistics in plain PyTorch.
+
+Works in (query block x key block) tiles with an online softmax, so nothing of
+size [H, Nq, Nk] is ever built: peak extra memory is O(B * H * block_q * block_k)
+per worker thread.
+GQA is index arithmetic: the query heads that share a KV head are stacked as
+extra rows of one matmul against that KV head, K and V are never repeated.
+
+Inputs here are already validated and normalised by ``headscope_kernels``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# Masked scores are set to MASKED, a finite value, so a tile row whose keys are all
+# masked still has a finite softmax (uniform) instead of NaN; it then gets weight 0
+# because its max is below NEG. Running maxima start at NEG, so exp(m_old - m_new)
+# and (m_old - m_new) * l stay finite. Additive mask values below NEG count as masked.
+NEG = -1e30
+MASKED = -3e38
+
+# Tiles of about 2**19 scores (2 MiB in fp32) stay in cache and measured fastest on CPU.
+DEFAULT_BLOCK_K = 512
+TILE_SCORES = 2**19
+
+
+def default_blocks(B, H, Nq, block_q, block_k):
+    """Block sizes: the given ones, else a tile of about TILE_SCORES scores.
+
+    Short query blocks (decoding: Nq = 1) get wider key blocks, so that a step
+    over a long KV cache is a few large tiles rather than many tiny ones.
+    """
+    bq = block_q or max(16, min(1024, TILE_SCORES // (B * H * DEFAULT_BLOCK_K)))
+    bq = min(bq, max(Nq, 1))
+    bk = block_k or max(DEFAULT_BLOCK_K, min(16384, TILE_SCORES // (B * H * bq)))
+    return bq, bk
+
+
+class Masks:
+    """Everything that decides which (query, key) pairs are allowed, sliced per tile."""
+
+    def __init__(self, *, B, H, Hkv, Nq, Nk, causal, q_offset, key_padding_mask,
+                 attn_mask, sliding_window, device):
+        self.B, self.H, self.Hkv, self.G = B, H, Hkv, H // Hkv
+        self.Nq, self.Nk = Nq, Nk
+        self.causal, self.q_offset, self.window = causal, q_offset, sliding_window
+        self.kpm = key_padding_mask          # bool [B, Nk] or None
+        self.attn_mask = attn_mask           # 4-D, each dim 1 or full size, or None
+        self.device = device
+
+    def key_range(self, qs, qe):
+        """Keys [lo, hi) that any query row in [qs, qe) may see."""
+        hi = self.Nk
+        if self.causal:
+            hi = min(hi, self.q_offset + qe)  # last query sees keys <= q_offset + qe - 1
+        lo = 0
+        if self.window is not None:
+            lo = max(0, self.q_offset + qs - self.window + 1)
+        return lo, max(lo, hi)
+
+    def query_range(self, ks, ke, q0, q1):
+        """Query rows within [q0, q1) that may see some key in [ks, ke)."""
+        lo, hi = q0, q1
+        if self.causal:
+            lo = max(lo, ks - self.q_offset)
+        if self.window is not None:
+            hi = min(hi, ke - 1 + self.window - self.q_offset)
+        return lo, max(lo, hi)
+
+    def apply(self, s, qs, qe, ks, ke):
+        """Mask the score tile ``s`` [B, Hkv, G*(qe-qs), ke-ks] in place (masked -> MASKED)."""
+        n, m = qe - qs, ke - ks
+        s5 = s.view(self.B, self.Hkv, self.G, n, m)
+        am = self.attn_mask
+        if am is not None:
+            am = am[:, :, qs:qe] if am.shape[2] > 1 else am
+            am = am[..., ks:ke] if am.shape[3] > 1 else am
+            am = am.view(am.shape[0], self.Hkv, self.G, *am.shape[2:]) if am.shape[1] > 1 \
+                else am.unsqueeze(1)
+            if am.dtype != torch.bool:
+                s5.add_(am.to(s.dtype)).clamp_min_(MASKED)  # -inf -> MASKED
+                am = None
+        first, last = self.q_offset + qs, self.q_offset + qe - 1  # absolute query positions
+        cut_right = self.causal and ke - 1 > first
+        cut_left = self.window is not None and last - ks >= self.window
+        pad = None
+        if self.kpm is not None:
+            pad = self.kpm[:, ks:ke]
+            pad = None if bool(pad.all()) else pad.view(self.B, 1, 1, 1, m)
+        # Position masks only touch a strip of columns next to the diagonal.
+        lo, hi = 0, m
+        if pad is None and am is None:
+            if cut_right and not cut_left:
+                lo = max(0, first + 1 - ks)
+            elif cut_left and not cut_right:
+                hi = min(m, last - self.window + 1 - ks)
+        allowed = None
+        if cut_right or cut_left:
+            qpos = torch.arange(first, last + 1, device=self.device).unsqueeze(1)
+            kpos = torch.arange(ks + lo, ks + hi, device=self.device).unsqueeze(0)
+            if cut_right:
+                allowed = kpos <= qpos
+            if cut_left:
+                inside = (qpos - kpos) < self.window
+                allowed = inside if allowed is None else allowed & inside
+        for extra in (pad, am):
+            if extra is not None:
+                allowed = extra if allowed is None else allowed & extra
+        if allowed is not None:
+            s5[..., lo:hi].masked_fill_(~allowed, MASKED)
+        return s
+
+
+def run_blocks(fn, starts, device):
+    """Call ``fn(start)`` for every block start; blocks write disjoint output slices.
+
+    On CPU the blocks are spread over torch.get_num_threads() Python threads, each
+    running torch single-threaded. A tile is a dozen small ops, and giving every op
+    all cores costs a barrier per op, which stalls badly whenever cores are shared.
+    Largest blocks (latest, under a causal mask) go first to balance the workers.
+    """
+    starts = list(starts)[::-1]
+    workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for start in starts:
+            fn(start)
+        return
+    threads = torch.get_num_threads()
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def call(start):  # grad and inference mode are per thread: carry the caller's over
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(start)
+
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for _ in pool.map(call, starts):  # re-raises the first error
+                pass
+    finally:
+        torch.set_num_threads(threads)  # the per-thread setting also moved the global default
+
+
+def _per_row(vec, Hkv, G, n):
+    """Per-head values [H] -> per tile row [1, Hkv, G*n]."""
+    return vec.view(1, Hkv, G, 1).expand(1, Hkv, G, n).reshape(1, Hkv, G * n)
+
+
+def _prep_q(q, qs, qe, qscale, Hkv):
+    """Query block as fp32 [B, Hkv, G*n, d], scaled per head (one small copy)."""
+    B, H, _, d = q.shape
+    qb = q[:, :, qs:qe].to(torch.float32) * qscale.view(1, H, 1, 1)
+    return qb.reshape(B, Hkv, (H // Hkv) * (qe - qs), d)
+
+
+def forward(q, k, v, *, qscale, masks, onehot=None, want_out=True, want_lse=False,
+            want_groups=False, want_top1=False, want_entropy=False, reweight=None,
+            head_scale=None, block_q=None, block_k=None):
+    """Streamed attention forward. Returns a dict of the requested results.
+
+    qscale: float32 [H], multiplies q (the softmax scaling; 0 makes a head uniform).
+    onehot: float32 [Bg, Nk, num_groups] (Bg in {1, B}) group membership, or None.
+    reweight: (group_a, group_b, p float32 [H]) or None; applies to ``out``.
+    head_scale: float32 [H] or None; applies to ``out``.
+    """
+    B, H, Nq, d = q.shape
+    Hkv, Nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // Hkv
+    bq, bk = default_blocks(B, H, Nq, block_q, block_k)
+    f32, dev = torch.float32, q.device
+    ng = onehot.shape[-1] if onehot is not None else 0
+
+    res = {}
+    if want_out:
+        res["out"] = torch.empty(B, H, Nq, dv, dtype=q.dtype, device=dev)
+    if want_lse:
+        res["lse"] = torch.empty(B, H, Nq, dtype=f32, device=dev)
+    if want_groups:
+        res["group_mass"] = torch.empty(B, H, Nq, ng, dtype=f32, device=dev)
+    if want_top1:
+        res["top1_index"] = torch.empty(B, H, Nq, dtype=torch.int64, device=dev)
+        res["top1_weight"] = torch.empty(B, H, Nq, dtype=f32, device=dev)
+    if want_entropy:
+        res["entropy"] = torch.empty(B, H, Nq, dtype=f32, device=dev)
+    if reweight is not None:
+        ga, gb, rw_p = reweight
+        sel_ab = onehot[..., [ga, gb]]                       # [Bg, Nk, 2]
+        in_a = onehot[..., ga].unsqueeze(1).unsqueeze(-1)    # [Bg, 1, Nk, 1]
+        in_b = onehot[..., gb].unsqueeze(1).unsqueeze(-1)
+
+    def one_block(qs):
+            qe = min(qs + bq, Nq)
+            n = qe - qs
+            rows = G * n
+            qb = _prep_q(q, qs, qe, qscale, Hkv)
+            m = torch.full((B, Hkv, rows), NEG, dtype=f32, device=dev)
+            l = torch.zeros(B, Hkv, rows, dtype=f32, device=dev)
+            if want_out:
+                acc = torch.zeros(B, Hkv, rows, dv, dtype=f32, device=dev)
+            if want_groups:
+                gm = torch.zeros(B, Hkv, rows, ng, dtype=f32, device=dev)
+            if want_top1:
+                best = torch.full((B, Hkv, rows), NEG, dtype=f32, device=dev)
+                best_i = torch.full((B, Hkv, rows), -1, dtype=torch.int64, device=dev)
+            if want_entropy:
+                ent = torch.zeros(B, Hkv, rows, dtype=f32, device=dev)  # sum p*(s-m), unnormalised
+            if reweight is not None:
+                ab_mass = torch.zeros(B, Hkv, rows, 2, dtype=f32, device=dev)
+                a_vec = torch.zeros(B, Hkv, rows, dv, dtype=f32, device=dev)
+                b_vec = torch.zeros(B, Hkv, rows, dv, dtype=f32, device=dev)
+
+            k_lo, k_hi = masks.key_range(qs, qe)
+            for ks in range(k_lo, k_hi, bk):
+                ke = min(ks + bk, k_hi)
+                s = torch.matmul(qb, k[:, :, ks:ke].to(f32).transpose(-1, -2))
+                masks.apply(s, qs, qe, ks, ke)
+                if want_top1:
+                    bmax, barg = s.max(dim=-1)
+                    better = bmax > best
+                    best = torch.where(better, bmax, best)
+                    best_i = torch.where(better, barg + ks, best_i)
+                else:
+                    bmax = s.amax(dim=-1)
+                # p is normalised within the tile (its max is 1/l_tile); masked keys get 0.
+                p = torch.softmax(s, dim=-1)
+                p_max = p.gather(-1, barg.unsqueeze(-1)).squeeze(-1) if want_top1 else p.amax(-1)
+                m_new = torch.maximum(m, bmax)
+                alpha = torch.exp(m - m_new)
+                # the tile's unnormalised mass relative to m_new; 0 on rows with no allowed key
+                w = torch.where(bmax > NEG, torch.exp(bmax - m_new) / p_max, torch.zeros_like(p_max))
+                if want_entropy:
+                    h_tile = torch.linalg.vecdot(p, s.sub_(bmax.unsqueeze(-1)))  # sum p (s - bmax)
+                    ent = alpha * (ent + (m - m_new) * l) + w * (h_tile + bmax - m_new)
+                l = l * alpha + w
+                m = m_new
+                a4, w4 = alpha.unsqueeze(-1), w.unsqueeze(-1)
+                if want_out:
+                    vb = v[:, :, ks:ke].to(f32)
+                    acc.mul_(a4).add_(torch.matmul(p, vb).mul_(w4))
+                if want_groups or reweight is not None:
+                    p_flat = p.view(B, Hkv * rows, ke - ks)
+                if want_groups:
+                    gm.mul_(a4).add_(torch.matmul(p_flat, onehot[:, ks:ke]).view(B, Hkv, rows, ng).mul_(w4))
+                if reweight is not None:
+                    ab = torch.matmul(p_flat, sel_ab[:, ks:ke]).view(B, Hkv, rows, 2)
+                    ab_mass.mul_(a4).add_(ab.mul_(w4))
+                    a_vec.mul_(a4).add_(torch.matmul(p, vb * in_a[:, :, ks:ke]).mul_(w4))
+                    b_vec.mul_(a4).add_(torch.matmul(p, vb * in_b[:, :, ks:ke]).mul_(w4))
+
+            # Finalise this query block; rows that saw no allowed key have l == 0.
+            seen = l > 0
+            l_safe = torch.where(seen, l, torch.ones_like(l))
+            lse = torch.where(seen, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
+
+            def put(name, x):
+                # [B, Hkv, G*n, ...] -> rows qs:qe of res[name] [B, H, Nq, ...]
+                res[name][:, :, qs:qe] = x.reshape(B, H, n, *x.shape[3:])
+
+            if want_out:
+                if reweight is not None:
+                    p_row = _per_row(rw_p, Hkv, G, n).unsqueeze(-1)
+                    a_mass, b_mass = ab_mass[..., 0:1], ab_mass[..., 1:2]
+                    has_b = b_mass > 0
+                    ratio = a_mass / torch.where(has_b, b_mass, torch.ones_like(b_mass))
+                    corr = (p_row - 1) * a_vec + (1 - p_row) * ratio * b_vec
+                    acc = acc + torch.where(has_b, corr, torch.zeros_like(corr))
+                o = acc / l_safe.unsqueeze(-1)
+                if head_scale is not None:
+                    o = o * _per_row(head_scale, Hkv, G, n).unsqueeze(-1)
+                put("out", o)
+            if want_lse:
+                put("lse", lse)
+            if want_groups:
+                put("group_mass", gm / l_safe.unsqueeze(-1))
+            if want_top1:
+                put("top1_index", best_i)
+                # best == m on rows that saw a key, so this is 1/l, without lse's rounding
+                put("top1_weight", torch.where(seen, torch.exp(best - m) / l_safe, torch.zeros_like(l)))
+            if want_entropy:
+                h = torch.log(l_safe) - ent / l_safe
+                put("entropy", torch.where(seen, h.clamp_min(0), torch.zeros_like(l)))
+
+    run_blocks(one_block, range(0, Nq, bq), dev)
+    return res
+
+
+def received(q, k, lse, *, qscale, masks, query_range, block_q=None, block_k=None):
+    """Attention each key receives, summed over query rows in ``query_range``: float32 [B, H, Nk].
+
+    Reuses ``lse`` [B, H, Nq]; loops over key blocks, and inside over the query
+    blocks that can see them (the shape of FlashAttention's dK/dV loop).
+    """
+    B, H, Nq, d = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    bq, bk = default_blocks(B, H, Nq, block_q, block_k)
+    f32 = torch.float32
+    # Rows with no allowed key have lse = -inf; +inf makes every p there exactly 0.
+    lse = torch.where(torch.isfinite(lse), lse.to(f32), torch.full_like(lse, float("inf"), dtype=f32))
+    rec = torch.zeros(B, H, Nk, dtype=f32, device=q.device)
+    q0, q1 = query_range
+    def one_block(ks):
+            ke = min(ks + bk, Nk)
+            kb = k[:, :, ks:ke].to(f32).transpose(-1, -2)
+            lo, hi = masks.query_range(ks, ke, q0, q1)
+            total = torch.zeros(B, Hkv, G, ke - ks, dtype=f32, device=q.device)
+            for qs in range(lo, hi, bq):
+                qe = min(qs + bq, hi)
+                n = qe - qs
+                s = torch.matmul(_prep_q(q, qs, qe, qscale, Hkv), kb)
+                masks.apply(s, qs, qe, ks, ke)
+                s.sub_(lse[:, :, qs:qe].reshape(B, Hkv, G * n, 1)).exp_()  # masked: exp(MASKED - lse) = 0
+                total += s.view(B, Hkv, G, n, ke - ks).sum(3)
+            rec[:, :, ks:ke] = total.view(B, H, ke - ks)
+
+    run_blocks(one_block, range(0, Nk, bk), q.device)
+    return rec
