@@ -57,6 +57,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--draws", type=int, default=1, help="with --random: average over this many draws")
     ev.add_argument("--ablation", choices=("zero", "uniform"), default="zero",
                     help="zero the head output, or give it uniform attention")
+    add_edit_arguments(ev)
 
     sub.add_parser("models", help="list the shipped model organisms")
     for name in COMMAND_MODULES:
@@ -98,24 +99,69 @@ def _score(args, task) -> int:
     return 0
 
 
+def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
+    """--scale / --decore (issue 4): reweight the ranking's top heads, or decode with DeCoRe."""
+    parser.add_argument("--scale", metavar="CSV", help="multiply the output of this ranking's top heads by --alpha")
+    parser.add_argument("--alpha", type=float, default=2.0, help="with --scale: the factor (negative allowed)")
+    parser.add_argument("--decore", metavar="CSV",
+                        help="decode with DeCoRe, contrasting the model with these top heads masked (Gema et al. 2024)")
+    parser.add_argument("--decore-alpha", type=float, default=None,
+                        help="with --decore: a fixed contrast weight (default: the base entropy, per step)")
+    parser.add_argument("--random-edit", choices=("ablate", "scale", "decore"), default="ablate",
+                        help="with --random K: what to do with the random heads")
+
+
+def _edit_mode(args) -> str:
+    """Which of --ablate / --scale / --decore / --random was asked for (at most one), checked."""
+    chosen = [f for f in ("ablate", "scale", "decore") if getattr(args, f, None)]
+    if args.random is not None:
+        chosen.append("random")
+    if len(chosen) > 1:
+        raise HeadscopeError(f"use only one of --ablate, --scale, --decore or --random; got {', '.join('--' + c for c in chosen)}")
+    if chosen and chosen[0] != "random" and args.top is None:
+        raise HeadscopeError(f"--{chosen[0]} CSV needs --top K (how many of its top heads)")
+    return chosen[0] if chosen else "none"
+
+
+def edit_context(hm, task, args, heads, how: str):
+    """The context that applies ``how`` (ablate / scale / decore) to ``heads`` around task.evaluate."""
+    import contextlib
+
+    from headscope.interventions import Edit, intervene
+
+    args.decore_heads = None
+    if how == "scale":
+        return intervene(hm, Edit("scale", heads, strength=args.alpha))
+    if how == "decore":
+        if not getattr(task, "SUPPORTS_DECORE", False):
+            raise HeadscopeError(f"task {args.task!r} does not support DeCoRe decoding; try --task context-conflict")
+        args.decore_heads = heads
+        return contextlib.nullcontext()
+    return hm.ablate(heads, mode=args.ablation)
+
+
 def _eval(args, task) -> int:
     from headscope.scores import HeadScores
 
     if not hasattr(task, "evaluate"):
         raise HeadscopeError(f"task {args.task!r} has no metric to evaluate")
-    if args.ablate and args.random is not None:
-        raise HeadscopeError("use either --ablate CSV --top K or --random K, not both")
-    if args.ablate and args.top is None:
-        raise HeadscopeError("--ablate CSV needs --top K (how many of its top heads to ablate)")
+    mode = _edit_mode(args)
     if args.exclude and args.random is None:
         raise HeadscopeError("--exclude only applies with --random K")
     hm = load_model(args)
+    how = args.random_edit if mode == "random" else mode
 
     def metrics(heads) -> dict[str, float]:
-        with hm.ablate(heads, mode=args.ablation):
+        with edit_context(hm, task, args, heads, how):
             return task.evaluate(args, hm)
 
-    if args.ablate:
+    if mode in ("scale", "decore"):
+        csv = getattr(args, mode)
+        heads = hm.check_heads(HeadScores.from_csv(csv).top(args.top))
+        detail = f"scaling by {args.alpha:g}" if mode == "scale" else "DeCoRe, masking"
+        print(f"{detail} the top {args.top} heads of {csv}: {heads}")
+        result = metrics(heads)
+    elif args.ablate:
         heads = hm.check_heads(HeadScores.from_csv(args.ablate).top(args.top))
         print(f"ablating ({args.ablation}) the top {args.top} heads of {args.ablate}: {heads}")
         result = metrics(heads)
@@ -131,7 +177,8 @@ def _eval(args, task) -> int:
         for draw in range(args.draws):
             heads = sorted(rng.sample(pool, args.random))
             draws.append(metrics(heads))
-            print(f"draw {draw}: ablating ({args.ablation}) {heads}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
+            what = f"ablating ({args.ablation})" if how == "ablate" else {"scale": "scaling", "decore": "DeCoRe, masking"}[how]
+            print(f"draw {draw}: {what} {heads}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
     else:
         result = metrics([])

@@ -1,14 +1,20 @@
-"""Paths to the small data files shipped in ``datasets/``."""
+"""Paths to the small data files shipped in the top-level ``datasets/`` folder.
+
+The folder is installed as the namespace package ``headscope_datasets`` (no ``__init__.py``, so it
+never shadows the Hugging Face ``datasets`` package when Python runs from the repository root).
+"""
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 
 def dataset_path(name: str) -> Path:
     """Absolute path of a file shipped in ``datasets/`` (e.g. ``"needles.jsonl"``)."""
-    path = Path(str(resources.files("headscope_datasets").joinpath(name)))
-    if not path.exists():
-        raise FileNotFoundError(f"shipped dataset {name!r} not found at {path}")
-    return path
+    spec = importlib.util.find_spec("headscope_datasets")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / name
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"shipped dataset {name!r} not found (is headscope installed with its datasets/?)")

@@ -102,8 +102,8 @@ class HeadModel:
     """A transformers model with its head geometry; probes and edits per (layer, head)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, name: str | None = None):
-        if hasattr(model, "_model") and type(model).__module__.startswith("nnsight"):
-            model = model._model  # an nnsight LanguageModel wraps the same HF model
+        if type(model).__module__.startswith("nnsight"):  # an nnsight model wraps the same HF model
+            model = model.__dict__.get("_module") or getattr(model, "_model", model)
         if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
             raise HeadscopeError(
                 f"HeadModel needs a transformers PreTrainedModel; got {type(model).__name__}. "
@@ -267,9 +267,10 @@ class HeadModel:
             n_q, n_k = query.shape[2], key.shape[2]
             self._positions[layer] = range(n_k - n_q, n_k)  # absolute rows of this call
             scales = [s for l_, s in self._q_scales if l_ == layer]
-            for s in scales:  # [H], or [B, H] for a different edit per batch row
+            for s in scales:  # [H], [B, H] per batch row, or fn(positions) -> [H], [B, H] or [B, H, rows, 1]
+                s = s(self._positions[layer]) if callable(s) else s
                 s = s.to(device=query.device, dtype=query.dtype)
-                query = query * (s.view(1, -1, 1, 1) if s.dim() == 1 else s.view(*s.shape, 1, 1))
+                query = query * (s.view(1, -1, 1, 1) if s.dim() == 1 else s if s.dim() == 4 else s.view(*s.shape, 1, 1))
             request = self._stats
             if request is None or layer not in request.layers:
                 return hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs) if scales else None

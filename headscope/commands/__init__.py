@@ -15,6 +15,12 @@ A command module (``headscope NAME``) defines NAME, HELP, add_arguments(parser) 
 
 TASK_MODULES = [
     "headscope.commands.needle",
+    "headscope.commands.safety", "headscope.commands.refusal",
+    "headscope.commands.sinks", "headscope.commands.pursuit", "headscope.commands.circuit", "headscope.commands.classic",
+    "headscope.commands.context_conflict",
 ]
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "headscope.commands.overlap",
+    "headscope.commands.generate",
+]

@@ -11,6 +11,12 @@ ZOO_DIR = Path(__file__).resolve().parent
 ORGANISMS: dict[str, str] = {
     "retrieval": "Tiny Llama (GQA) trained on synthetic needle-in-a-haystack retrieval "
     "(python -m headscope.zoo.train_retrieval)",
+    "refusal": "Tiny Llama (GQA) that refuses made-up forbidden topics and answers sums otherwise "
+    "(python -m headscope.zoo.train_refusal)",
+    "context_conflict": "Tiny Llama (GQA) that memorised 48 made-up capitals and reads contexts that may contradict "
+    "them, NQ-Swap style (python -m headscope.zoo.train_context_conflict)",
+    "multitask": "Tiny Llama (GQA) trained on induction, in-context key-value lookup and a fixed token map "
+    "(python -m headscope.zoo.train_multitask)",
 }
 
 DEFAULT_MODEL = "retrieval"

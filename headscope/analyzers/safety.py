@@ -1,0 +1,360 @@
+"""Safety heads: Ships and Sahara (Zhou et al. 2024, "On the Role of Attention Heads in LLM Safety").
+
+- :func:`ships`: per harmful query, KL(p_base || p_ablated) of the next-token distribution at the
+  last position with one head ablated; heads ranked over a dataset by how many queries have them
+  in their top 10, ties broken by the summed KL.
+- :func:`generalized_ships`: dataset-level Ships. M = last-layer hidden state at the last token of
+  each of N queries (N x d), base and ablated; the score is the sum of the principal angles (in
+  degrees) between the top-r left-singular subspaces of the two matrices.
+- :func:`sahara`: greedy search for the head set with the largest dataset-level Ships.
+
+A head is ablated by scaling its query by ``eps`` (attention becomes uniform, the paper's
+"undifferentiated attention"; the default) or by scaling its output z by ``eps`` ("scaling
+contribution"). Many ablated copies of a query run in one batch, with a different head
+ablated per batch row (per-row query scales, see ``HeadModel.scale_queries``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from headscope.errors import HeadscopeError
+from headscope.model import HeadModel
+from headscope.scores import HeadScores, _write_whole
+
+Head = tuple[int, int]
+ABLATIONS = ("query", "output")
+LOG_EPS = 1e-12  # added inside the logs, as the reference code
+
+
+# ------------------------------------------------------------------------------ ablation per batch row
+@contextlib.contextmanager
+def ablate_rows(hm: HeadModel, rows: Sequence[Sequence[Head]], eps: float = 1e-4, ablation: str = "query") -> Iterator[None]:
+    """Ablate a different head set in each batch row: row i scales the heads in ``rows[i]`` by eps.
+
+    ``ablation="query"`` multiplies their queries by eps (near-uniform attention, the paper's
+    default); ``"output"`` multiplies their output z by eps.
+    """
+    if ablation not in ABLATIONS:
+        raise HeadscopeError(f"unknown Ships ablation {ablation!r}; choose 'query' (scale q) or 'output' (scale z)")
+    g = hm.geometry
+    scale = torch.ones(len(rows), g.n_layers, g.n_heads)
+    for i, heads in enumerate(rows):
+        for layer, head in hm.check_heads(heads):
+            scale[i, layer, head] = eps
+    layers = sorted({layer for heads in rows for layer, _ in heads})
+    with contextlib.ExitStack() as stack:
+        if ablation == "query":
+            for layer in layers:
+                stack.enter_context(hm.scale_queries(layer, scale[:, layer].to(hm.device)))
+        elif layers:
+            factor = scale.to(hm.device)
+
+            def scale_z(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
+                if layer not in layers:
+                    return z
+                return z * factor[:, layer].to(z.dtype).view(z.shape[0], 1, -1, 1)
+
+            stack.enter_context(hm.edit_z(scale_z))
+        yield
+
+
+def _encode(hm: HeadModel, prompts, template: str) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise HeadscopeError("no prompts given; pass at least one harmful query")
+    if isinstance(prompts[0], str):
+        from headscope.tasks.safety_prompts import encode_prompts
+
+        return encode_prompts(hm.tokenizer, prompts, template)
+    return [list(map(int, p)) for p in prompts]
+
+
+def _ids(hm: HeadModel, prompt: Sequence[int], copies: int) -> torch.Tensor:
+    return torch.tensor([list(prompt)], device=hm.device).expand(copies, -1)
+
+
+# ------------------------------------------------------------------------------ Ships
+def kl_divergence(p_base: torch.Tensor, p_ablated: torch.Tensor) -> torch.Tensor:
+    """KL(p_base || p_ablated) over the last axis, 1e-12 added inside the logs (reference code)."""
+    p, q = p_base.double(), p_ablated.double()
+    return (p * (torch.log(p + LOG_EPS) - torch.log(q + LOG_EPS))).sum(-1)
+
+
+@torch.no_grad()
+def ships_per_query(
+    hm: HeadModel,
+    prompt: Sequence[int],
+    heads: Sequence[Head] | None = None,
+    eps: float = 1e-4,
+    ablation: str = "query",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Ships of every head for one query (token ids): a [layers, heads] KL tensor (NaN where unscored).
+
+    Each head is ablated alone; ``batch_size`` ablated copies of the query share a forward pass.
+    """
+    heads = hm.all_heads() if heads is None else hm.check_heads(heads)
+    p_base = torch.softmax(hm.model(_ids(hm, prompt, 1), logits_to_keep=1).logits[:, -1].double(), -1)
+    out = torch.full((hm.geometry.n_layers, hm.geometry.n_heads), float("nan"), dtype=torch.float64)
+    for s in range(0, len(heads), batch_size):
+        chunk = heads[s : s + batch_size]
+        with ablate_rows(hm, [[h] for h in chunk], eps, ablation):
+            logits = hm.model(_ids(hm, prompt, len(chunk)), logits_to_keep=1).logits[:, -1].double()
+        kl = kl_divergence(p_base, torch.softmax(logits, -1)).cpu()
+        for (layer, head), value in zip(chunk, kl):
+            out[layer, head] = value
+    return out
+
+
+def rank_by_query_counts(kl: torch.Tensor, top_per_query: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dataset ranking from per-query Ships ``kl`` [N, layers, heads].
+
+    Returns (score, count, summed KL): count = how many queries have the head among their
+    ``top_per_query`` highest KL; score = count + summed KL / (max summed KL * 1.001), so
+    sorting by score sorts by count with ties broken by summed KL.
+    """
+    n, layers, heads = kl.shape
+    flat = torch.nan_to_num(kl.reshape(n, -1), nan=-math.inf)
+    k = min(top_per_query, flat.shape[1])
+    count = torch.zeros(layers * heads, dtype=torch.float64)
+    for row in flat:
+        count[row.topk(k).indices] += 1
+    total = torch.nan_to_num(kl, nan=0.0).sum(0).reshape(-1).double()
+    top = float(total.max()) if total.numel() else 0.0
+    frac = total / (top * 1.001) if top > 0 else torch.zeros_like(total)
+    shape = (layers, heads)
+    return (count + frac).view(shape), count.view(shape), total.view(shape)
+
+
+def ships(
+    hm: HeadModel,
+    prompts,
+    eps: float = 1e-4,
+    ablation: str = "query",
+    top_per_query: int = 10,
+    template: str = "reference",
+    batch_size: int = 32,
+    progress: bool = True,
+) -> HeadScores:
+    """Ships (Zhou et al. 2024): rank heads by how many harmful queries have them in their top-10 KL.
+
+    ``prompts``: query strings (formatted with ``template``) or token-id lists. ``eps``: query
+    (or output) scale of the ablated head [1e-4; the paper also uses 1e-5]. The result's
+    ``per_query`` attribute holds the KL tensor [N, layers, heads].
+    """
+    if eps < 0:
+        raise HeadscopeError(f"eps must be >= 0; got {eps}")
+    ids = _encode(hm, prompts, template)
+    per_query = torch.stack(
+        [ships_per_query(hm, p, eps=eps, ablation=ablation, batch_size=batch_size)
+         for p in tqdm(ids, desc="ships", disable=not progress)]
+    )
+    score, count, total = rank_by_query_counts(per_query, top_per_query)
+    result = HeadScores(
+        score,
+        method="ships",
+        model=hm.name,
+        params={"eps": eps, "ablation": ablation, "top_per_query": top_per_query, "queries": len(ids),
+                "template": template, "score": "count of queries with the head in their top-k + summed-KL tie-break"},
+    )
+    result.per_query, result.count, result.summed_kl = per_query, count, total
+    return result
+
+
+# ------------------------------------------------------------------------------ dataset-level Ships
+def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (radians, largest first) between the column spaces of ``a`` and ``b``.
+
+    Cosines from the singular values of Qa^T Qb; angles below 45 degrees from the sines (the
+    singular values of Qb - Qa Qa^T Qb), which are exact where arccos loses precision.
+    """
+    qa, qb = _orth(np.asarray(a, dtype=np.float64)), _orth(np.asarray(b, dtype=np.float64))
+    if qa.shape[1] < qb.shape[1]:
+        qa, qb = qb, qa
+    cos = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    from_cos = np.sort(np.arccos(np.clip(cos, -1.0, 1.0)))[::-1]
+    sin = np.linalg.svd(qb - qa @ (qa.T @ qb), compute_uv=False)
+    from_sin = np.sort(np.arcsin(np.clip(sin, 0.0, 1.0)))[::-1][: len(from_cos)]
+    return np.where(from_cos < math.pi / 4, from_sin, from_cos)
+
+
+def _orth(m: np.ndarray) -> np.ndarray:
+    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    tol = max(m.shape) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
+    return u[:, : int((s > tol).sum())]
+
+
+def subspace_shift(m_base: torch.Tensor | np.ndarray, m_ablated: torch.Tensor | np.ndarray, r: int = 1) -> float:
+    """Dataset-level Ships between two [N, d] matrices: the principal angles, in degrees, between
+    their top-r left singular subspaces (sample space), summed. [r = 1 in the reference code; the
+    paper writes top r.]"""
+    m_base, m_ablated = (np.asarray(torch.as_tensor(m).double().cpu()) for m in (m_base, m_ablated))
+    if m_base.shape != m_ablated.shape or m_base.ndim != 2:
+        raise HeadscopeError(f"need two [N, d] matrices of one shape; got {m_base.shape} and {m_ablated.shape}")
+    if not 1 <= r <= min(m_base.shape):
+        raise HeadscopeError(f"r must lie in 1..{min(m_base.shape)} (min of queries and width); got {r}")
+    u_base = np.linalg.svd(m_base, full_matrices=False)[0][:, :r]
+    u_abl = np.linalg.svd(m_ablated, full_matrices=False)[0][:, :r]
+    return float(np.degrees(principal_angles(u_base, u_abl)).sum())
+
+
+def _groups(ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(ids):
+        by_length[len(p)].append(i)
+    return list(by_length.values())
+
+
+@torch.no_grad()
+def last_hidden_states(
+    hm: HeadModel,
+    ids: Sequence[Sequence[int]],
+    head_sets: Sequence[Sequence[Head]] = ((),),
+    eps: float = 1e-4,
+    ablation: str = "query",
+    batch_size: int = 64,
+    bar=None,
+) -> torch.Tensor:
+    """M [sets, N, d]: the last layer's hidden state at the last token of every query, with each
+    head set ablated (``()`` = none). Queries of one length and several head sets share a batch."""
+    d = hm.geometry.d_model
+    out = torch.zeros(len(head_sets), len(ids), d, dtype=torch.float64)
+    jobs = [(s, q) for group in _groups(ids) for s in range(len(head_sets)) for q in group]
+    # jobs are ordered by length group, so cut batches only where the length stays the same
+    start = 0
+    while start < len(jobs):
+        length = len(ids[jobs[start][1]])
+        stop = start
+        while stop < len(jobs) and stop - start < batch_size and len(ids[jobs[stop][1]]) == length:
+            stop += 1
+        chunk = jobs[start:stop]
+        batch = torch.tensor([ids[q] for _, q in chunk], device=hm.device)
+        with ablate_rows(hm, [head_sets[s] for s, _ in chunk], eps, ablation):
+            hidden = hm.model(batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -1]
+        for (s, q), h in zip(chunk, hidden.double().cpu()):
+            out[s, q] = h
+        if bar is not None:
+            bar.update(len(chunk))
+        start = stop
+    return out
+
+
+def generalized_ships(
+    hm: HeadModel,
+    prompts,
+    heads: Sequence[Head] | None = None,
+    r: int = 1,
+    eps: float = 1e-4,
+    ablation: str = "query",
+    template: str = "reference",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> HeadScores:
+    """Dataset-level Ships of every head ablated alone (Zhou et al. 2024), in degrees."""
+    ids = _encode(hm, prompts, template)
+    heads = hm.all_heads() if heads is None else hm.check_heads(heads)
+    base = last_hidden_states(hm, ids, [()], eps, ablation, batch_size)[0]
+    with tqdm(total=len(heads) * len(ids), desc="generalized ships", disable=not progress) as bar:
+        mats = last_hidden_states(hm, ids, [[h] for h in heads], eps, ablation, batch_size, bar)
+    scores = torch.full((hm.geometry.n_layers, hm.geometry.n_heads), float("nan"))
+    for (layer, head), m in zip(heads, mats):
+        scores[layer, head] = subspace_shift(base, m, r)
+    return HeadScores(scores, "generalized-ships", hm.name,
+                      {"r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "template": template})
+
+
+# ------------------------------------------------------------------------------ Sahara
+def _fingerprint(ids: Sequence[Sequence[int]]) -> str:
+    return hashlib.sha256(json.dumps([list(p) for p in ids]).encode()).hexdigest()[:16]
+
+
+def sahara(
+    hm: HeadModel,
+    prompts,
+    max_heads: int = 3,
+    min_score: float | None = None,
+    r: int = 1,
+    eps: float = 1e-4,
+    ablation: str = "query",
+    candidates: Sequence[Head] | None = None,
+    template: str = "reference",
+    batch_size: int = 64,
+    state: str | Path | None = None,
+    progress: bool = True,
+) -> HeadScores:
+    """Sahara (Zhou et al. 2024): greedily grow the head set with the largest dataset-level Ships.
+
+    Start empty; each step ablates chosen + candidate for every remaining candidate, scores the
+    subspace shift against the unablated base, and keeps the best. Stops after ``max_heads``
+    heads, or once the score reaches ``min_score``. ``state``: a JSON file rewritten whole after
+    every step (chosen heads and scores); a rerun with the same file and settings resumes.
+
+    Scores: the chosen heads rank first in the order found (score 1 + steps left); every other
+    head scores its single-head subspace shift from step 1, scaled into [0, 1).
+    """
+    ids = _encode(hm, prompts, template)
+    if max_heads < 1:
+        raise HeadscopeError(f"max_heads must be >= 1; got {max_heads}")
+    pool = hm.all_heads() if candidates is None else hm.check_heads(candidates)
+    max_heads = min(max_heads, len(pool))
+    settings = {"r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "prompts": _fingerprint(ids),
+                "template": template, "model": hm.name, "candidates": [list(h) for h in pool]}
+    chosen: list[Head] = []
+    step_scores: list[float] = []
+    first_step: dict[str, float] = {}
+    state = Path(state) if state is not None else None
+    if state is not None and state.exists():
+        saved = json.loads(state.read_text())
+        if saved.get("settings") != settings:
+            raise HeadscopeError(
+                f"state file {state} was written for other settings or prompts "
+                f"({saved.get('settings')}); delete it or pass another --state file"
+            )
+        chosen = [tuple(h) for h in saved["chosen"]]
+        step_scores = list(saved["scores"])
+        first_step = dict(saved.get("first_step", {}))
+
+    def done() -> bool:
+        reached = min_score is not None and step_scores and step_scores[-1] >= min_score
+        return len(chosen) >= max_heads or bool(reached)
+
+    base = last_hidden_states(hm, ids, [()], eps, ablation, batch_size)[0]
+    left = sum(len(pool) - k for k in range(len(chosen), max_heads)) * len(ids)
+    with tqdm(total=left, desc="sahara", unit="row", disable=not progress) as bar:
+        while not done():
+            remaining = [h for h in pool if h not in chosen]
+            bar.set_postfix(step=len(chosen) + 1)
+            mats = last_hidden_states(hm, ids, [chosen + [h] for h in remaining], eps, ablation, batch_size, bar)
+            scores = [subspace_shift(base, m, r) for m in mats]
+            if not chosen:
+                first_step = {f"{l},{h}": s for (l, h), s in zip(remaining, scores)}
+            best = int(np.argmax(scores))
+            chosen.append(remaining[best])
+            step_scores.append(scores[best])
+            if state is not None:
+                payload = {"method": "sahara", "settings": settings, "chosen": [list(h) for h in chosen],
+                           "scores": step_scores, "first_step": first_step}
+                _write_whole(state, json.dumps(payload, indent=1) + "\n")
+
+    g = hm.geometry
+    out = torch.zeros(g.n_layers, g.n_heads)
+    top = max(first_step.values(), default=0.0)
+    for key, s in first_step.items():
+        layer, head = map(int, key.split(","))
+        out[layer, head] = s / (top * 1.001) if top > 0 else 0.0
+    for i, (layer, head) in enumerate(chosen):
+        out[layer, head] = 1 + len(chosen) - i
+    return HeadScores(out, "sahara", hm.name, {
+        "r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "template": template,
+        "chosen": [list(h) for h in chosen], "step_scores": [round(s, 4) for s in step_scores],
+    })

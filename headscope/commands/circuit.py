@@ -1,0 +1,61 @@
+"""``--task circuit``: per-head patching scores from clean/corrupted pairs (Merullo et al. 2023).
+
+    headscope score --task circuit --pairs pairs.jsonl [--method activation|attribution|path]
+    headscope score --task circuit --generate ioi|colored-objects [--n 64]
+"""
+
+from __future__ import annotations
+
+from headscope.errors import HeadscopeError
+
+TASKS = ("circuit",)
+DEFAULT_MODEL = "retrieval"
+
+
+def _heads(text: str | None):
+    if not text:
+        return None
+    try:
+        return [tuple(int(x) for x in item.split(".")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise HeadscopeError(f"--receivers must look like 9.6,9.9,10.0 (layer.head); got {text!r}") from None
+
+
+def add_arguments(parser, command: str) -> None:
+    parser.add_argument("--pairs", help='JSONL: {"clean", "corrupt", "answer", "wrong"} per line')
+    parser.add_argument("--generate", choices=("ioi", "colored-objects"), help="use a shipped task generator")
+    parser.add_argument("--n", type=int, default=64, help="pairs to generate")
+    if command == "score":  # `eval` already has --seed
+        parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    parser.add_argument("--method", choices=("activation", "attribution", "path"), default="activation")
+    parser.add_argument("--receivers", help="path patching receivers, e.g. 9.6,9.9 (default: the logits)")
+
+
+def pairs(args):
+    from headscope.tasks.circuit_pairs import load_pairs
+
+    if bool(args.pairs) == bool(args.generate):
+        raise HeadscopeError("give exactly one of --pairs FILE or --generate ioi|colored-objects")
+    if args.pairs:
+        return load_pairs(args.pairs), False
+    if args.generate == "ioi":
+        from headscope.tasks.ioi import ioi_pairs
+
+        return ioi_pairs(args.n, args.seed), True
+    from headscope.tasks.colored_objects import colored_objects_pairs
+
+    return colored_objects_pairs(args.n, args.seed), True
+
+
+def score(args, hm):
+    from headscope.analyzers import circuits
+    from headscope.tasks.circuit_pairs import encode_pairs
+
+    raw, generated = pairs(args)
+    groups = encode_pairs(hm.tokenizer, raw, drop_mismatched=generated)
+    if args.method == "activation":
+        return circuits.activation_patching(hm, groups, heads_per_batch=args.batch_size, progress=not args.quiet)
+    if args.method == "attribution":
+        return circuits.attribution_patching(hm, groups)
+    return circuits.path_patching(hm, groups, receivers=_heads(args.receivers), heads_per_batch=args.batch_size,
+                                  progress=not args.quiet)

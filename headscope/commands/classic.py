@@ -1,0 +1,30 @@
+"""``--task induction | previous-token | duplicate-token``: classic head types with TransformerLens
+head_detector semantics, scored on repeated random token sequences (like TL's demos).
+
+    headscope score --task induction --model M [--sequences 10 --half-length 32]
+"""
+
+from __future__ import annotations
+
+TASKS = ("induction", "previous-token", "duplicate-token")
+DEFAULT_MODEL = "retrieval"
+
+
+def add_arguments(parser, command: str) -> None:
+    parser.add_argument("--sequences", type=int, default=10, help="random sequences")
+    parser.add_argument("--half-length", type=int, default=32, help="tokens before the repeat")
+    if command == "score":  # `eval` already has --seed
+        parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    parser.add_argument("--exclude-bos", action="store_true", help="TL's exclude_bos")
+    parser.add_argument("--exclude-current-token", action="store_true", help="TL's exclude_current_token")
+
+
+def score(args, hm):
+    from headscope.analyzers import classic
+    from headscope.errors import HeadscopeError
+
+    if args.sequences < 1 or args.half_length < 1:
+        raise HeadscopeError("--sequences and --half-length must be >= 1")
+    tokens = classic.repeated_random_tokens(hm, args.sequences, args.half_length, args.seed)
+    return classic.head_type_scores(hm, args.task, tokens, exclude_bos=args.exclude_bos,
+                                    exclude_current_token=args.exclude_current_token, batch_size=args.batch_size)

@@ -1,0 +1,78 @@
+"""``headscope generate``: generate text with heads ablated, reweighted, or with DeCoRe decoding.
+
+    headscope generate --model M --prompt "..." [--ablate r.csv --top K | --scale r.csv --top K --alpha A
+                       | --decore r.csv --top K] [--max-new-tokens N]
+
+The last line printed is the generated continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from headscope.errors import HeadscopeError
+
+NAME = "generate"
+HELP = "generate from a prompt, optionally with heads ablated, scaled, or DeCoRe decoding"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="retrieval", help="shipped organism, local folder or hub id")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--ablate", metavar="CSV", help="ablate this ranking's top heads")
+    parser.add_argument("--ablation", choices=("zero", "uniform"), default="zero")
+    parser.add_argument("--scale", metavar="CSV", help="multiply the output of this ranking's top heads by --alpha")
+    parser.add_argument("--alpha", type=float, default=2.0, help="with --scale: the factor (negative allowed)")
+    parser.add_argument("--decore", metavar="CSV", help="DeCoRe: contrast with this ranking's top heads masked")
+    parser.add_argument("--decore-alpha", type=float, default=None, help="fixed DeCoRe alpha (default: entropy)")
+    parser.add_argument("--top", type=int, help="how many of the ranking's top heads")
+    parser.add_argument("--scope", choices=("both", "prefill", "decode"), default="both",
+                        help="with --ablate/--scale: edit the prompt, the generated tokens, or both")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    from headscope.interventions import Edit, intervene
+    from headscope.interventions.decore import decore_generate
+    from headscope.model import HeadModel
+    from headscope.scores import HeadScores
+
+    chosen = [f for f in ("ablate", "scale", "decore") if getattr(args, f)]
+    if len(chosen) > 1:
+        raise HeadscopeError(f"use only one of --ablate, --scale, --decore; got {', '.join('--' + c for c in chosen)}")
+    if chosen and args.top is None:
+        raise HeadscopeError(f"--{chosen[0]} CSV needs --top K (how many of its top heads)")
+    if args.max_new_tokens < 1:
+        raise HeadscopeError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
+    if hm.tokenizer is None:
+        raise HeadscopeError(f"{args.model} has no tokenizer; generate needs one to encode the prompt")
+    ids = torch.tensor([hm.tokenizer(args.prompt)["input_ids"]], device=hm.device)
+    heads = hm.check_heads(HeadScores.from_csv(getattr(args, chosen[0])).top(args.top)) if chosen else []
+    tok = hm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    torch.manual_seed(args.seed)
+    if chosen == ["decore"]:
+        print(f"DeCoRe, masking {heads}")
+        out = decore_generate(hm, ids, heads, max_new_tokens=args.max_new_tokens, alpha=args.decore_alpha,
+                              do_sample=args.sample, generator=torch.Generator(hm.device).manual_seed(args.seed),
+                              eos_token_id=tok.eos_token_id, pad_token_id=pad).sequences
+    else:
+        edits = []
+        if chosen == ["ablate"]:
+            edits = [Edit("zero" if args.ablation == "zero" else "uniform", heads, scope=args.scope)]
+            print(f"ablating ({args.ablation}, {args.scope}) {heads}")
+        elif chosen == ["scale"]:
+            edits = [Edit("scale", heads, strength=args.alpha, scope=args.scope)]
+            print(f"scaling by {args.alpha:g} ({args.scope}) {heads}")
+        with torch.no_grad(), intervene(hm, edits):
+            out = hm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                    do_sample=args.sample, pad_token_id=pad)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0

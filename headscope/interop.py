@@ -1,0 +1,184 @@
+"""Run headscope edits through nnsight 0.8 or a TransformerLens 4.x TransformerBridge.
+
+Edits of kind zero / mean / scale / patch only touch a head's output z (the input of o_proj), so
+they need no custom attention function and can be written as plain nnsight traces (which can run
+where nnsight runs remotely) or as TransformerLens hooks on ``blocks.L.attn.hook_z`` (in
+TransformerLens 4.3 an alias of ``blocks.L.attn.o.hook_in``, shape [B, S, H, d_head]).
+Query edits (query_scale, uniform) need headscope's attention hook: use
+:func:`headscope.interventions.intervene`.
+
+    lm = nnsight_model(hm)                                  # wraps the same HF model
+    with lm.trace(ids):
+        apply_edits_nnsight(lm, edits)
+        logits = lm.output.logits.save()
+
+    bridge = bridge_from_hf(copy.deepcopy(hm.model))        # the bridge rewires the model in place
+    logits = bridge.run_with_hooks(ids, fwd_hooks=bridge_hooks(bridge, edits))
+
+Both paths run one forward over the whole sequence (positions 0..S-1; pass ``prompt_length`` to
+mark rows >= it as decode rows) with the same formula as headscope's hooks
+(:func:`headscope.interventions.edits.apply_z_edit`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from headscope import hooks
+from headscope.errors import HeadscopeError
+from headscope.interventions.edits import Z_KINDS, Edit, _Positions, apply_z_edit
+
+
+def _z_edits(edits: Edit | Sequence[Edit]) -> list[Edit]:
+    edits = [edits] if isinstance(edits, Edit) else list(edits)
+    bad = [e.kind for e in edits if e.kind not in Z_KINDS]
+    if bad:
+        raise HeadscopeError(
+            f"edit kind(s) {bad} change the attention itself and need headscope's attention hook; "
+            f"nnsight traces and TransformerLens hooks run only {list(Z_KINDS)}. Use headscope.interventions.intervene"
+        )
+    return edits
+
+
+def _rows(n: int, batch: int, edit: Edit, prompt_length: int | None, attention_mask, device) -> torch.Tensor:
+    return _Positions(prompt_length or n, attention_mask).mask(edit, range(n), batch, device)
+
+
+# ------------------------------------------------------------------------------------- nnsight
+def nnsight_model(model, tokenizer=None):
+    """An nnsight ``TransformersModel`` around an already-loaded HF model (or a HeadModel's)."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    model = getattr(model, "model", model) if hasattr(model, "geometry") else model
+    if tokenizer is None:
+        raise HeadscopeError("nnsight needs the model's tokenizer: nnsight_model(model, tokenizer=...)")
+    return TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+
+
+def _out_proj_paths(model: torch.nn.Module) -> list[str]:
+    """Dotted module names of each layer's output projection (headscope's adapter table)."""
+    _, layers = hooks.find_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(layer.out_proj)] for layer in layers]
+
+
+def _hf(lm) -> torch.nn.Module:
+    """The HF model inside an nnsight model (0.8 keeps it in ``_module``)."""
+    model = lm.__dict__.get("_module")
+    return model if model is not None else lm._model
+
+
+def _envoy(lm, dotted: str):
+    node = lm
+    for part in dotted.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _geometry(model):
+    from headscope.model import HeadModel
+
+    return HeadModel(model).geometry
+
+
+def nnsight_sources(lm, edits: Sequence[Edit]) -> dict[int, dict[int, torch.Tensor]]:
+    """Mean / patch values of ``edits`` computed with nnsight traces: {edit index: {layer: tensor}}."""
+    edits = _z_edits(edits)
+    model = _hf(lm)
+    g = _geometry(model)
+    paths = _out_proj_paths(model)
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for i, e in enumerate(edits):
+        if e.kind not in ("mean", "patch"):
+            continue
+        layers = sorted({l for l, _ in e.heads})
+        ids = torch.tensor(e.source)
+        saved: dict[int, torch.Tensor] = {}  # filled inside the trace (a function's new locals are not written back)
+        with torch.no_grad(), lm.trace(ids):
+            for l in layers:
+                saved[l] = _envoy(lm, paths[l]).input.save()
+        zs = {l: torch.as_tensor(v).reshape(*ids.shape, g.n_heads, g.head_dim) for l, v in saved.items()}
+        out[i] = {l: z.mean((0, 1)) if e.kind == "mean" else z for l, z in zs.items()}
+    return out
+
+
+def apply_edits_nnsight(lm, edits: Sequence[Edit], *, sources=None, prompt_length: int | None = None,
+                        attention_mask=None) -> None:
+    """Inside ``with lm.trace(ids):``, apply ``edits`` to the heads' z (o_proj inputs), layer by layer.
+
+    ``sources``: from :func:`nnsight_sources` (computed here, before the trace, when not given;
+    call it yourself when running remotely).
+    """
+    edits = _z_edits(edits)
+    model = _hf(lm)
+    g = _geometry(model)
+    paths = _out_proj_paths(model)
+    if sources is None and any(e.kind in ("mean", "patch") for e in edits):
+        raise HeadscopeError("mean / patch edits need sources=nnsight_sources(lm, edits), computed before the trace")
+    sources = sources or {}
+    for layer in sorted({l for e in edits for l, _ in e.heads}):  # nnsight: modules in execution order
+        o_proj = _envoy(lm, paths[layer])
+        x = o_proj.input
+        z = x.reshape(*x.shape[:-1], g.n_heads, g.head_dim)
+        for i, e in enumerate(edits):
+            if any(l == layer for l, _ in e.heads):
+                keep = _rows(z.shape[1], z.shape[0], e, prompt_length, attention_mask, z.device)
+                z = apply_z_edit(e, layer, z, keep, range(z.shape[1]), sources.get(i, {}).get(layer))
+        o_proj.input = z.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------- TransformerLens
+def bridge_from_hf(model, tokenizer=None):
+    """A TransformerLens 4.x TransformerBridge around an already-loaded HF causal LM.
+
+    The bridge replaces the model's submodules in place (and may switch it to eager attention):
+    pass a copy (``copy.deepcopy(model)``) to keep using the original with headscope.
+    """
+    import copy
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return build_bridge_from_module(model, archs[0], hf_config=copy.deepcopy(model.config), tokenizer=tokenizer)
+
+
+def bridge_sources(bridge, edits: Sequence[Edit]) -> dict[int, dict[int, torch.Tensor]]:
+    """Mean / patch values of ``edits`` read from the bridge's ``hook_z``."""
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for i, e in enumerate(_z_edits(edits)):
+        if e.kind not in ("mean", "patch"):
+            continue
+        layers = sorted({l for l, _ in e.heads})
+        names = {f"blocks.{l}.attn.hook_z" for l in layers}
+        with torch.no_grad():
+            _, cache = bridge.run_with_cache(torch.tensor(e.source), names_filter=lambda n: n in names)
+        zs = {l: cache[f"blocks.{l}.attn.hook_z"] for l in layers}
+        out[i] = {l: z.mean((0, 1)) if e.kind == "mean" else z for l, z in zs.items()}
+    return out
+
+
+def bridge_hooks(bridge, edits: Sequence[Edit], *, sources=None, prompt_length: int | None = None,
+                 attention_mask=None) -> list[tuple[str, object]]:
+    """``fwd_hooks`` for ``bridge.run_with_hooks``: the edits on ``blocks.L.attn.hook_z``."""
+    edits = _z_edits(edits)
+    if sources is None:
+        sources = bridge_sources(bridge, edits)
+    available = set(bridge.hook_dict)
+    result = []
+    for layer in sorted({l for e in edits for l, _ in e.heads}):
+        name = f"blocks.{layer}.attn.hook_z"
+        if name not in available:
+            raise HeadscopeError(f"the bridge has no hook {name!r}; its attention hooks: "
+                                 f"{sorted(n for n in available if n.startswith(f'blocks.{layer}.attn'))[:10]}")
+
+        def hook(z, hook, layer=layer):
+            for i, e in enumerate(edits):
+                if any(l == layer for l, _ in e.heads):
+                    keep = _rows(z.shape[1], z.shape[0], e, prompt_length, attention_mask, z.device)
+                    z = apply_z_edit(e, layer, z, keep, range(z.shape[1]), sources.get(i, {}).get(layer))
+            return z
+
+        result.append((name, hook))
+    return result

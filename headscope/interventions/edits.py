@@ -1,0 +1,387 @@
+"""Head edits as data, and applying them to a HeadModel during forward passes and generate().
+
+An :class:`Edit` names its kind, heads, strength, positions and scope. It prints, compares with
+``==``, saves to JSON and loads back; a list of edits composes (applied in order)::
+
+    edits = [Edit("uniform", [(2, 3)], scope="decode"), Edit("scale", [(1, 0)], strength=-1.0)]
+    save_edits(edits, "edits.json"); assert load_edits("edits.json") == edits
+    with intervene(hm, edits):
+        hm.model.generate(ids, max_new_tokens=8)
+
+Kinds (METHODS.md, "Interventions"), with strength ``s`` and the head's output z:
+
+- ``zero``:    z' = (1 - s) z                      (s = 1: the head's output is 0)
+- ``mean``:    z' = z + s (mean - z)               mean of z over a reference dataset (cached)
+- ``patch``:   z' = z + s (z_source - z)           z of another input at the same positions
+  (``resample`` is an alias)
+- ``scale``:   z' = s z                            reweighting; negative s allowed [2.0, VHR]
+- ``query_scale``: q' = s q                        Ships ablation, s = eps [1e-4] (Zhou et al. 2024)
+- ``uniform``: q' = (1 - s) q                      s = 1: query 0, uniform attention over the causal
+  prefix (DeCoRe's masking, Gema et al. 2024)
+
+``strength`` may be a float, a per-head list, or a torch tensor (scalar or one per head) that
+requires grad: every edit is differentiable in its strength.
+
+Positions: ``"all"``, ``"last"`` (the last row of each forward call: the prompt's last token at
+prefill, the new token at each decode step), or ``(start, stop)`` absolute positions. Scope:
+``"prefill"`` (positions < prompt length), ``"decode"`` (>= prompt length) or ``"both"``. With a KV
+cache a decode step's row sits at position >= prompt length; the prompt length is the number of
+rows of the latest forward call that starts at position 0, i.e. the latest prefill, so several
+generate() calls can share one block (or pass ``prompt_length``, e.g. for a loop without a cache). With left
+padding, give ``attention_mask`` so ranges count from each row's first real token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import weakref
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from headscope.errors import HeadscopeError
+
+Head = tuple[int, int]
+Z_KINDS = ("zero", "mean", "patch", "scale")
+Q_KINDS = ("query_scale", "uniform")
+KINDS = Z_KINDS + Q_KINDS
+ALIASES = {"resample": "patch", "ablate": "zero", "reweight": "scale"}
+DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "query_scale": 1e-4, "uniform": 1.0}
+SCOPES = ("both", "prefill", "decode")
+
+
+def _strength_value(strength):
+    if isinstance(strength, torch.Tensor):
+        return strength.detach().cpu().tolist()
+    return strength
+
+
+@dataclass(eq=False)
+class Edit:
+    """One head edit (see the module docstring for the kinds and their formulas)."""
+
+    kind: str
+    heads: Sequence[Head]
+    strength: float | list | torch.Tensor | None = None
+    positions: str | tuple[int, int] = "all"
+    scope: str = "both"
+    source: list | None = field(default=None, repr=False)  # token ids [B][S]: reference (mean) / source (patch)
+
+    def __post_init__(self):
+        kind = ALIASES.get(self.kind, self.kind)
+        if kind not in KINDS:
+            raise HeadscopeError(f"unknown edit kind {self.kind!r}; choose one of {list(KINDS) + list(ALIASES)}")
+        self.kind = kind
+        try:
+            self.heads = tuple((int(l), int(h)) for l, h in self.heads)
+        except (TypeError, ValueError):
+            raise HeadscopeError(f"heads must be (layer, head) pairs of integers; got {self.heads!r}") from None
+        if self.strength is None:
+            self.strength = DEFAULT_STRENGTH[kind]
+        if isinstance(self.strength, (list, tuple)):
+            self.strength = [float(x) for x in self.strength]
+        n = _numel(self.strength)
+        if n not in (1, len(self.heads)):
+            raise HeadscopeError(
+                f"strength must be one number or one per head ({len(self.heads)}); got {n} values"
+            )
+        if isinstance(self.positions, list):
+            self.positions = tuple(self.positions)
+        if not (self.positions in ("all", "last") or (
+            isinstance(self.positions, tuple) and len(self.positions) == 2
+            and all(isinstance(p, int) for p in self.positions) and 0 <= self.positions[0] < self.positions[1]
+        )):
+            raise HeadscopeError(
+                f"positions must be 'all', 'last' or (start, stop) with 0 <= start < stop; got {self.positions!r}"
+            )
+        if self.scope not in SCOPES:
+            raise HeadscopeError(f"unknown scope {self.scope!r}; choose one of {SCOPES}")
+        if kind in ("mean", "patch"):
+            if self.source is None:
+                raise HeadscopeError(
+                    f"a {kind} edit needs source token ids (the {'reference dataset' if kind == 'mean' else 'source input'}), "
+                    "e.g. Edit('%s', heads, source=ids)" % kind
+                )
+            self.source = _as_rows(self.source)
+        elif self.source is not None:
+            raise HeadscopeError(f"a {kind} edit takes no source; only mean and patch edits do")
+
+    # ---------------------------------------------------------------- data
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "heads": [list(h) for h in self.heads],
+            "strength": _strength_value(self.strength),
+            "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
+            "scope": self.scope,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Edit":
+        unknown = set(data) - {"kind", "heads", "strength", "positions", "scope", "source"}
+        if unknown or "kind" not in data or "heads" not in data:
+            raise HeadscopeError(f"an edit needs 'kind' and 'heads' and no other keys than strength, positions, "
+                                 f"scope, source; got keys {sorted(data)}")
+        positions = data.get("positions", "all")
+        return cls(data["kind"], data["heads"], data.get("strength"),
+                   tuple(positions) if isinstance(positions, list) else positions,
+                   data.get("scope", "both"), data.get("source"))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Edit) and self.to_dict() == other.to_dict()
+
+    def __add__(self, other):
+        return [self] + (list(other) if isinstance(other, (list, tuple)) else [other])
+
+    def strengths(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """One strength per head, [len(heads)], keeping the autograd graph of a tensor strength."""
+        s = self.strength if isinstance(self.strength, torch.Tensor) else torch.tensor(self.strength, dtype=dtype)
+        s = s.to(device=device, dtype=dtype)
+        return s.reshape(-1).expand(len(self.heads)) if s.numel() == 1 else s
+
+
+def _numel(strength) -> int:
+    if isinstance(strength, torch.Tensor):
+        return strength.numel()
+    if isinstance(strength, list):
+        return len(strength)
+    return 1
+
+
+def _as_rows(ids) -> list[list[int]]:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], int):
+        ids = [ids]
+    try:
+        rows = [[int(t) for t in row] for row in ids]
+    except (TypeError, ValueError):
+        raise HeadscopeError("source must be token ids: a list of ints, a list of rows or a tensor") from None
+    if not rows or not rows[0] or len({len(r) for r in rows}) != 1:
+        raise HeadscopeError("source rows must be non-empty and of equal length (pad them)")
+    return rows
+
+
+# -------------------------------------------------------------------- building from rankings
+def edits_from_scores(scores, kind: str = "zero", *, top: int | None = None, threshold: float | None = None,
+                      heads: Iterable[Head] | None = None, **kwargs) -> Edit:
+    """One edit on the heads of a ranking (HeadScores or a ranking CSV path): top-k, a threshold,
+    or an explicit head list (exactly one of them)."""
+    from headscope.scores import HeadScores
+
+    if sum(x is not None for x in (top, threshold, heads)) != 1:
+        raise HeadscopeError("choose the heads with exactly one of top=K, threshold=T or heads=[(layer, head), ...]")
+    if heads is not None:
+        return Edit(kind, list(heads), **kwargs)
+    if not isinstance(scores, HeadScores):
+        scores = HeadScores.from_csv(scores)
+    chosen = scores.top(top) if top is not None else scores.above(threshold)
+    return Edit(kind, chosen, **kwargs)
+
+
+def save_edits(edits: Edit | Sequence[Edit], path: str | os.PathLike) -> Path:
+    """Write edits as a JSON list, whole (temp file + rename)."""
+    edits = [edits] if isinstance(edits, Edit) else list(edits)
+    path = Path(path)
+    text = json.dumps([e.to_dict() for e in edits], indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".edits-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def load_edits(path: str | os.PathLike) -> list[Edit]:
+    path = Path(path)
+    if not path.exists():
+        raise HeadscopeError(f"edits file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HeadscopeError(f"{path} is not valid JSON ({exc.msg}); write it with save_edits") from None
+    if isinstance(data, dict):
+        data = [data]
+    return [Edit.from_dict(d) for d in data]
+
+
+# -------------------------------------------------------------------- reference activations
+# model -> {(kind, digest of the source ids): activations}; weak, so a collected model's entries go
+# with it (an id() key could be reused by a new model and serve it stale activations)
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, dict[int, torch.Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None) -> dict[int, torch.Tensor]:
+    """Per layer: mean z [H, d] over the reference rows and positions (mean), or z [B, S, H, d] (patch).
+    Computed once per (model, source) and cached."""
+    cache = _CACHE.setdefault(hm.model, {})
+    key = (kind, hashlib.sha1(json.dumps(source).encode()).hexdigest())
+    if key not in cache:
+        ids = torch.tensor(source, device=hm.device)
+        mask = torch.ones_like(ids) if pad_id is None else (ids != pad_id).long()
+        with hm.capture_z() as cap:
+            hm.model(input_ids=ids, attention_mask=mask)
+        if kind == "mean":
+            w = mask.to(cap.z[0].dtype).view(*mask.shape, 1, 1)
+            cache[key] = {l: (z * w).sum((0, 1)) / w.sum() for l, z in cap.z.items()}
+        else:
+            cache[key] = dict(cap.z)
+    return cache[key]
+
+
+def clear_cache() -> None:
+    """Forget cached mean / patch activations (e.g. after changing the model's weights)."""
+    _CACHE.clear()
+
+
+# -------------------------------------------------------------------- applying
+class _Positions:
+    """Which rows of a forward call an edit selects: a [B, S] float mask."""
+
+    def __init__(self, prompt_length: int | None, attention_mask: torch.Tensor | None):
+        self.prompt_length = prompt_length
+        self.fixed = prompt_length is not None
+        self.offsets = None
+        if attention_mask is not None:  # left padding: count ranges from each row's first real token
+            am = torch.as_tensor(attention_mask)
+            self.offsets = (am.shape[1] - am.sum(1)).long()  # pads before the first real token
+
+    def observe(self, positions: range) -> None:
+        """Unless given, the prompt length is the row count of the latest call that starts at 0 (a new
+        prefill: several generate() calls may share one block), else where the first call starts."""
+        if self.fixed:
+            return
+        if positions.start == 0:
+            self.prompt_length = len(positions)
+        elif self.prompt_length is None:
+            self.prompt_length = positions.start
+
+    def mask(self, edit: Edit, positions: range, batch: int, device) -> torch.Tensor:
+        self.observe(positions)
+        pos = torch.arange(positions.start, positions.stop, device=device).view(1, -1).expand(batch, -1)
+        keep = torch.ones(batch, len(positions), dtype=torch.bool, device=device)
+        if edit.scope == "prefill":
+            keep &= pos < self.prompt_length
+        elif edit.scope == "decode":
+            keep &= pos >= self.prompt_length
+        if edit.positions == "last":
+            keep[:, :-1] = False
+        elif isinstance(edit.positions, tuple):
+            rel = pos - (self.offsets.to(device).view(-1, 1) if self.offsets is not None else 0)
+            keep &= (rel >= edit.positions[0]) & (rel < edit.positions[1])
+        return keep
+
+
+def _head_weights(edit: Edit, layer: int, n_heads: int, device, dtype) -> torch.Tensor | None:
+    """[H] strength per head of this layer (0 where the edit does not touch), or None."""
+    idx = [i for i, (l, _) in enumerate(edit.heads) if l == layer]
+    if not idx:
+        return None
+    s = edit.strengths(device, dtype)
+    heads = torch.tensor([edit.heads[i][1] for i in idx], device=device)
+    return torch.zeros(n_heads, device=device, dtype=dtype).index_add(0, heads, s[idx])
+
+
+def _head_hits(edit: Edit, layer: int, n_heads: int, device, dtype) -> torch.Tensor:
+    hit = torch.zeros(n_heads, device=device, dtype=dtype)
+    hit[[h for l, h in edit.heads if l == layer]] = 1
+    return hit
+
+
+@contextlib.contextmanager
+def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = None,
+              attention_mask: torch.Tensor | None = None, pad_id: int | None = None) -> Iterator[None]:
+    """Apply ``edits`` (in order) to every forward pass inside the block, generate() included.
+
+    Hooks come from HeadModel's context managers (``edit_z``, ``scale_queries``), so they are
+    removed on exit, also after an exception. ``pad_id``: padding in mean-edit reference rows.
+    """
+    edits = [edits] if isinstance(edits, Edit) else list(edits)
+    for e in edits:
+        if not isinstance(e, Edit):
+            raise HeadscopeError(f"intervene takes Edit objects; got {type(e).__name__}")
+        hm.check_heads(e.heads)
+    state = _Positions(prompt_length, attention_mask)
+    g = hm.geometry
+    sources = {i: _source_z(hm, e.kind, e.source, pad_id) for i, e in enumerate(edits) if e.kind in ("mean", "patch")}
+
+    def z_edit(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
+        for i, e in enumerate(edits):
+            if e.kind in Z_KINDS and any(l == layer for l, _ in e.heads):
+                keep = state.mask(e, positions, z.shape[0], z.device)
+                z = apply_z_edit(e, layer, z, keep, positions, sources.get(i, {}).get(layer))
+        return z
+
+    def q_scale(layer: int, e: Edit):
+        def scale(positions: range) -> torch.Tensor:
+            s = _head_weights(e, layer, g.n_heads, hm.device, torch.float32)
+            keep = state.mask(e, positions, _batch_size(attention_mask, positions), hm.device).float()
+            hit = _head_hits(e, layer, g.n_heads, hm.device, torch.float32)
+            factor = s if e.kind == "query_scale" else 1 - s  # per head, where edited
+            per_row = 1 + hit.view(1, -1, 1) * keep.unsqueeze(1) * (factor - 1).view(1, -1, 1)  # [B, H, rows]
+            return per_row.unsqueeze(-1)
+
+        return scale
+
+    with contextlib.ExitStack() as stack:
+        if any(e.kind in Z_KINDS for e in edits):
+            stack.enter_context(hm.edit_z(z_edit))
+        for e in edits:
+            if e.kind in Q_KINDS:
+                for layer in sorted({l for l, _ in e.heads}):
+                    stack.enter_context(hm.scale_queries(layer, q_scale(layer, e)))
+        yield
+
+
+def apply_z_edit(edit: Edit, layer: int, z: torch.Tensor, keep: torch.Tensor, positions: range,
+                 source: torch.Tensor | None = None) -> torch.Tensor:
+    """One z-edit on one layer's head outputs z [B, S, H, d]; ``keep`` [B, S] selects the rows.
+
+    ``source``: the mean [H, d] (mean edit) or the source run's z [B|1, S_src, H, d] (patch edit).
+    Shared by headscope's hooks and the nnsight / TransformerLens paths (headscope.interop).
+    """
+    s = _head_weights(edit, layer, z.shape[2], z.device, z.dtype)
+    if s is None:
+        return z
+    keep = keep.to(z.dtype).view(z.shape[0] if keep.shape[0] != 1 else 1, z.shape[1], 1, 1)
+    w = keep * s.view(1, 1, -1, 1)  # [B, S, H, 1]: strength where edited, else 0
+    if edit.kind == "zero":
+        return z - w * z
+    if edit.kind == "scale":
+        hit = _head_hits(edit, layer, z.shape[2], z.device, z.dtype).view(1, 1, -1, 1) * keep
+        return z + hit * (w - 1) * z
+    if edit.kind == "mean":
+        return z + w * (source.to(z) - z)
+    return z + w * (_patch_values(source, positions, z, keep.view(keep.shape[0], -1)) - z)
+
+
+def _batch_size(attention_mask, positions) -> int:
+    return 1 if attention_mask is None else int(torch.as_tensor(attention_mask).shape[0])
+
+
+def _patch_values(source: torch.Tensor, positions: range, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The source run's z at this call's positions ([B or 1, S, H, d]); an error where an edited
+    position lies beyond the source."""
+    n_src = source.shape[1]
+    if positions.stop > n_src:
+        beyond = keep[:, max(0, n_src - positions.start):].any() if positions.start < n_src else keep.any()
+        if beyond:
+            raise HeadscopeError(
+                f"the patch source has {n_src} positions, but the edit selects position(s) up to "
+                f"{positions.stop - 1}; restrict the edit's positions or use scope='prefill'"
+            )
+    if source.shape[0] not in (1, z.shape[0]):
+        raise HeadscopeError(f"the patch source has {source.shape[0]} rows; the input has {z.shape[0]} (give 1 or {z.shape[0]})")
+    lo, hi = min(positions.start, n_src), min(positions.stop, n_src)
+    vals = source[:, lo:hi].to(z)
+    if hi - lo < z.shape[1]:  # rows beyond the source are not edited (checked above): fill with z
+        fill = z[:, hi - lo :] if vals.shape[0] == z.shape[0] else z[:1, hi - lo :]
+        vals = torch.cat([vals.expand(z.shape[0], -1, -1, -1), fill.expand(z.shape[0], -1, -1, -1)], dim=1)
+    return vals

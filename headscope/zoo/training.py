@@ -1,0 +1,144 @@
+"""Reusable pieces for training the model organisms: a word-level tokenizer and a seeded loop.
+
+Organisms are tiny Hugging Face models trained from scratch on synthetic text, so their
+tokenizer is built here from the training texts themselves (every word is one token, digits are
+single tokens) and saved next to the weights with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Newlines kept as tokens, other whitespace dropped, punctuation and digits split off."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+
+
+def build_word_tokenizer(texts: Iterable[str], extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every word of ``texts`` (plus ``extra_tokens``).
+
+    Ids 0-3 are ``<bos> <eos> <pad> <unk>``; then the digits 0-9; then the words in order of first
+    appearance (deterministic). ``add_special_tokens=True`` prepends ``<bos>``; decoding joins the
+    words with spaces (and drops the space before punctuation).
+    """
+    pre = _pre_tokenizer()
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    words = [str(d) for d in range(10)] + list(extra_tokens)
+    for text in texts:
+        words.extend(piece for piece, _ in pre.pre_tokenize_str(text))
+    for word in words:
+        if word and word not in vocab:
+            vocab[word] = len(vocab)
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=1 << 20,
+    )
+
+
+def seed_everything(seed: int, threads: int = 1) -> None:
+    """Seed Python, NumPy and torch; use deterministic torch kernels on ``threads`` CPU threads."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine or linear decay to ``min_ratio * lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
+    return lr * (min_ratio + (1 - min_ratio) * decay)
+
+
+def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, weighted per target token (weight 0 masks a token out).
+
+    ``weights[b, t]`` weighs the prediction of ``input_ids[b, t]`` (from position t-1).
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    w = weights[:, 1:].to(logits.dtype)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return (ce * w.reshape(-1)).sum() / w.sum().clamp_min(1e-8)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float = 3e-3,
+    warmup: int = 50,
+    weight_decay: float = 0.01,
+    clip: float = 1.0,
+    schedule: str = "cosine",
+    log_every: int = 50,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train ``model`` with AdamW on batches ``make_batch(step) -> (input_ids, loss_weights)``.
+
+    Returns ``{"final_loss", "wall_s", "losses"}``; ``final_loss`` is the mean of the last 20 steps.
+    """
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    model.train()
+    losses: list[float] = []
+    start = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup, schedule)
+        input_ids, weights = make_batch(step)
+        logits = model(input_ids=input_ids).logits
+        loss = weighted_lm_loss(logits, input_ids, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            recent = float(np.mean(losses[-log_every:]))
+            log(f"step {step:5d}  loss {recent:.4f}  lr {opt.param_groups[0]['lr']:.2e}  {time.time() - start:6.0f}s")
+    model.eval()
+    return {"final_loss": float(np.mean(losses[-20:])), "wall_s": time.time() - start, "losses": losses}
+
+
+def split_words(text: str) -> list[str]:
+    """Words of a text (letters only), for building word lists."""
+    return re.findall(r"[A-Za-z]+", text)
