@@ -1,0 +1,314 @@
+"""Circuits: batched patching equals one-head-at-a-time references; overlap arithmetic; task data."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from headscope.analyzers import circuits
+from headscope.errors import HeadscopeError
+from headscope.model import HeadModel
+from headscope.tasks.circuit_pairs import CircuitPair, EncodedPairs, encode_pairs, load_pairs, save_pairs
+from headscope.tasks.colored_objects import colored_objects_pairs
+from headscope.tasks.ioi import ioi_pairs
+
+
+def random_pairs(seed=0, P=3, N=10, V=128):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, V, (P, N), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 3] = torch.randint(0, V, (P,), generator=g)  # one token differs, like IOI's S2
+    answer, wrong = torch.randint(0, V, (P,), generator=g), torch.randint(0, V, (P,), generator=g)
+    return EncodedPairs(clean, corrupt, answer, wrong)
+
+
+def head_slice(model, layer):
+    """The output-projection module of a layer (GPT-2 c_proj / Llama o_proj), for the references."""
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    return blocks[layer].attn.c_proj if hasattr(model, "transformer") else blocks[layer].self_attn.o_proj
+
+
+def z_of(model, ids, n_layers):
+    zs = {}
+    handles = [head_slice(model, l).register_forward_pre_hook(
+        lambda m, a, l=l: zs.__setitem__(l, a[0].detach().clone())) for l in range(n_layers)]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return zs
+
+
+def patched_metric(model, pairs, layer, head, d, z_corrupt, position=None):
+    """Reference: a plain pre-hook replacing one head's slice of the o_proj input."""
+    def hook(m, args):
+        z = args[0].clone()
+        cols = slice(head * d, (head + 1) * d)
+        if position is None:
+            z[..., cols] = z_corrupt[..., cols]
+        else:
+            z[:, position, cols] = z_corrupt[:, position, cols]
+        return (z,)
+    handle = head_slice(model, layer).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            return circuits.logit_diff(model(pairs.clean).logits, pairs.answer, pairs.wrong).mean().item()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_activation_patching_equals_one_head_reference(kind):
+    model = tiny_model(kind)
+    hm = HeadModel(model)
+    pairs = random_pairs()
+    scores = circuits.activation_patching(hm, [pairs], heads_per_batch=3, progress=False)
+    clean, corrupt = circuits.baseline(hm, [pairs])
+    zc = z_of(model, pairs.corrupt, 2)
+    d = hm.geometry.head_dim
+    for layer, head in hm.all_heads():
+        patched = patched_metric(model, pairs, layer, head, d, zc[layer])
+        assert scores.scores[layer, head].item() == pytest.approx((clean - patched) / (clean - corrupt), abs=1e-4)
+    assert not hm.hooks_installed()
+
+
+def test_attribution_patching_equals_hand_gradient():
+    model = tiny_model("gpt2")
+    hm = HeadModel(model)
+    pairs = random_pairs(1)
+    scores = circuits.attribution_patching(hm, [pairs])
+    clean, corrupt = circuits.baseline(hm, [pairs])
+    zc = z_of(model, pairs.corrupt, 2)
+    d = hm.geometry.head_dim
+    # reference: leaf z per layer via plain hooks, autograd by hand
+    leaves = {}
+
+    def make(l):
+        def hook(m, args):
+            z = args[0].detach().clone().requires_grad_(True) if l == 0 else args[0]
+            if l != 0:
+                z.retain_grad()
+            leaves[l] = z
+            return (z,)
+        return hook
+    handles = [head_slice(model, l).register_forward_pre_hook(make(l)) for l in range(2)]
+    try:
+        metric = circuits.logit_diff(model(pairs.clean).logits, pairs.answer, pairs.wrong).mean()
+        metric.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    for layer in range(2):
+        prod = (leaves[layer].grad * (zc[layer] - leaves[layer].detach())).view(*zc[layer].shape[:2], 4, d)
+        expected = -prod.sum(dim=(0, 1, 3)) / (clean - corrupt)
+        torch.testing.assert_close(scores.scores[layer], expected.float(), atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_path_patching_last_layer_sender_is_direct_effect():
+    """A last-layer head reaches the logits only directly: path score = -100 x activation score
+    of patching it at the last position."""
+    model = tiny_model("gpt2")
+    hm = HeadModel(model)
+    pairs = random_pairs(2)
+    path = circuits.path_patching(hm, [pairs], senders=[(1, h) for h in range(4)], heads_per_batch=2, progress=False)
+    clean, corrupt = circuits.baseline(hm, [pairs])
+    zc = z_of(model, pairs.corrupt, 2)
+    for head in range(4):
+        patched = patched_metric(model, pairs, 1, head, 16, zc[1], position=-1)
+        expected = -(patched - clean) / (corrupt - clean) * 100
+        assert path.scores[1, head].item() == pytest.approx(expected, rel=1e-5, abs=1e-3)
+    assert torch.isnan(path.scores[0]).all()
+    # through receivers: a sender in layer 0, receivers = all layer-1 heads, runs and is finite
+    via = circuits.path_patching(hm, [pairs], senders=[(0, 0)], receivers=[(1, h) for h in range(4)], progress=False)
+    assert torch.isfinite(via.scores[0, 0])
+
+
+def test_path_patching_through_itself_equals_direct_for_last_layer():
+    """Receivers = the last-layer sender itself: recording it and patching it back alone into a
+    clean run is that head's own last-position patch, as is its direct path to the logits."""
+    model = tiny_model("llama")
+    hm = HeadModel(model)
+    pairs = random_pairs(3)
+    direct = circuits.path_patching(hm, [pairs], senders=[(1, 2)], progress=False)
+    same = circuits.path_patching(hm, [pairs], senders=[(1, 2)], receivers=[(1, 2)], progress=False)
+    # receivers = the sender itself: recording it and patching it back is the sender's own patch
+    clean, corrupt = circuits.baseline(hm, [pairs])
+    zc = z_of(model, pairs.corrupt, 2)
+    patched = patched_metric(model, pairs, 1, 2, 16, zc[1], position=-1)
+    expected = -(patched - clean) / (corrupt - clean) * 100
+    assert direct.scores[1, 2].item() == pytest.approx(expected, rel=1e-5, abs=1e-3)
+    assert same.scores[1, 2].item() == pytest.approx(expected, rel=1e-5, abs=1e-3)
+
+
+def test_circuit_selection_and_overlap():
+    s = torch.zeros(4, 5)
+    s[0, 1], s[2, 3], s[3, 4], s[1, 0] = 5.0, -4.0, 3.0, 0.5
+    hs = circuits.HeadScores(s, "x")
+    assert circuits.circuit(hs, top_k=2) == {(0, 1), (2, 3)}
+    assert circuits.circuit(hs, top_k=2, absolute=False) == {(0, 1), (3, 4)}
+    assert circuits.circuit(hs, top_p=0.1) == {(0, 1), (2, 3)}  # ceil(0.1 * 20) = 2
+    assert circuits.circuit(hs, threshold=1.0) == {(0, 1), (2, 3), (3, 4)}
+    o = circuits.overlap({(0, 1), (2, 3), (3, 4)}, {(0, 1), (1, 1)})
+    assert (o["shared"], o["share_of_a"], o["share_of_b"], o["jaccard"], o["overlap_coefficient"]) == (
+        1, pytest.approx(1 / 3), 0.5, 0.25, 0.5)
+    fig = circuits.overlap_figure({(0, 1)}, {(0, 1), (1, 1)}, 4, 5)
+    assert fig.data[0].z[0][1] == 3 and fig.data[0].z[1][1] == 2
+    with pytest.raises(HeadscopeError, match="top_p"):
+        circuits.circuit(hs, top_p=0)
+
+
+def word_tokenizer(pairs):
+    from headscope.zoo.training import build_word_tokenizer
+    return build_word_tokenizer([p.clean + " " + p.corrupt + p.answer + p.wrong for p in pairs])
+
+
+def test_task_generators_and_jsonl(tmp_path):
+    ioi = ioi_pairs(20, seed=1)
+    assert ioi == ioi_pairs(20, seed=1)  # seeded
+    for p in ioi:
+        a, b = p.answer.strip(), p.wrong.strip()
+        clean, corrupt = p.clean.replace(",", " ,").split(), p.corrupt.replace(",", " ,").split()
+        diff = [i for i, (x, y) in enumerate(zip(clean, corrupt)) if x != y]
+        assert len(clean) == len(corrupt) and len(diff) == 1  # only the repeated subject (S2) changes
+        assert clean[diff[0]] == b and clean.count(b) == 2 and clean.count(a) == 1 and corrupt.count(b) == 1
+    objs = colored_objects_pairs(10, seed=2)
+    for p in objs:
+        assert p.clean != p.corrupt and p.answer != p.wrong
+        assert p.clean.rsplit("What color is the ", 1)[0] == p.corrupt.rsplit("What color is the ", 1)[0]
+    tok = word_tokenizer(ioi + objs)
+    groups = encode_pairs(tok, ioi + objs)
+    assert sum(len(g) for g in groups) == 30
+    for g in groups:
+        assert g.clean.shape == g.corrupt.shape and (g.answer != g.wrong).all()
+    path = save_pairs(ioi[:3], tmp_path / "pairs.jsonl")
+    assert load_pairs(path) == ioi[:3]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"clean": "a"}) + "\n")
+    with pytest.raises(HeadscopeError, match="corrupt"):
+        load_pairs(bad)
+    with pytest.raises(HeadscopeError, match="tokens; they must match"):
+        encode_pairs(tok, [CircuitPair("Mary and John", "Mary and John and", " Mary", " John")])
+    assert len(encode_pairs(tok, [CircuitPair("Mary and John", "Mary and John and", " Mary", " John")] + ioi[:1],
+                            drop_mismatched=True)[0]) == 1
+    hm = HeadModel(tiny_model("gpt2"))
+    same = random_pairs()
+    same.corrupt = same.clean
+    with pytest.raises(HeadscopeError, match="same logit difference"):
+        circuits.activation_patching(hm, [same], progress=False)
+
+
+def saved_tiny_lm(tmp_path, texts):
+    """A random-init GPT-2 with a word tokenizer over ``texts``, saved as a model folder."""
+    import transformers as tf
+
+    from headscope.zoo.training import build_word_tokenizer
+
+    tok = build_word_tokenizer(texts)
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=256,
+                                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_circuit_and_overlap(tmp_path, capsys):
+    from headscope.cli import main
+
+    ioi = ioi_pairs(8)
+    path = saved_tiny_lm(tmp_path, [p.clean + " " + p.corrupt + p.answer + p.wrong for p in ioi])
+    save_pairs(ioi, tmp_path / "ioi.jsonl")
+    for method in ("activation", "attribution", "path"):
+        out = tmp_path / f"{method}.csv"
+        assert main(["score", "--task", "circuit", "--model", path, "--pairs", str(tmp_path / "ioi.jsonl"),
+                     "--method", method, "--out", str(out), "--quiet"]) == 0
+        assert circuits.HeadScores.from_csv(out).method == f"{method}_patching"
+    assert main(["overlap", str(tmp_path / "activation.csv"), str(tmp_path / "attribution.csv"), "--top", "3",
+                 "--plot", str(tmp_path / "o.html")]) == 0
+    text = capsys.readouterr().out
+    assert "jaccard:" in text and (tmp_path / "o.html").exists()
+    # the reported overlap is the one computed from the files
+    a = circuits.circuit(circuits.HeadScores.from_csv(tmp_path / "activation.csv"), top_k=3)
+    b = circuits.circuit(circuits.HeadScores.from_csv(tmp_path / "attribution.csv"), top_k=3)
+    assert f"shared: {len(a & b)}" in text
+    assert main(["score", "--task", "circuit", "--model", path, "--quiet"]) == 2  # neither --pairs nor --generate
+
+
+# ----------------------------------------------------------------------------------- organism checks
+def organism_period():
+    """The induction period the organism was trained on (fixed: one value)."""
+    from headscope import zoo
+
+    low, high = (int(x) for x in zoo.organism_info("multitask")["training"]["hyperparameters"]["periods"].split(","))
+    return low if low == high else None
+
+
+@pytest.fixture(scope="module")
+def multitask():
+    from headscope import zoo
+
+    path = zoo.organism_path("multitask")
+    if path is None or not (path / "config.json").exists():
+        pytest.skip("multitask organism not shipped (python -m headscope.zoo.train_multitask)")
+    return HeadModel.load("multitask")
+
+
+@pytest.fixture(scope="module")
+def multitask_patching(multitask):
+    from headscope.zoo import train_multitask as tm
+
+    period = organism_period()
+    out = {}
+    for task in tm.TASKS:
+        groups = encode_pairs(multitask.tokenizer, tm.task_pairs(task, 32, seed=7, period=period))
+        out[task] = (circuits.activation_patching(multitask, groups, progress=False),
+                     circuits.attribution_patching(multitask, groups))
+    return out
+
+
+def test_organism_shared_mechanism_has_more_circuit_overlap(multitask_patching):
+    """induction and kv lookup share a mechanism (find the earlier copy, copy what follows); the
+    token map does not: their circuits (top 3 of 12 heads by activation patching) overlap more.
+    Measured: Jaccard induction/kv 1.0, induction/map 0.5, kv/map 0.5 (with top 2 it does NOT
+    hold: 0.33 vs 1.0 and 0.33 -- see the report)."""
+    c = {task: circuits.circuit(act, top_k=3) for task, (act, _) in multitask_patching.items()}
+    shared = circuits.overlap(c["induction"], c["kv"])["jaccard"]
+    assert shared > circuits.overlap(c["induction"], c["map"])["jaccard"]
+    assert shared > circuits.overlap(c["kv"], c["map"])["jaccard"]
+
+
+@pytest.mark.parametrize("task", [
+    pytest.param("induction", marks=pytest.mark.xfail(strict=True, reason="measured Spearman 0.57: the clean/corrupt "
+                                                      "logit gap is 24 nats, far outside the first-order regime")),
+    "kv", "map"])
+def test_organism_attribution_agrees_with_activation_patching(multitask_patching, task):
+    """Measured Spearman over the 12 heads: kv 0.81, map 0.87 (induction 0.57)."""
+    from scipy.stats import spearmanr
+
+    act, att = multitask_patching[task]
+    rho = spearmanr(act.scores.flatten().numpy(), att.scores.flatten().numpy()).statistic
+    assert rho >= 0.8
+
+
+def test_organism_induction_detector_matches_induction_circuit(multitask, multitask_patching):
+    """The induction detector (kernel match_mass) on the organism's own repeated sequences picks
+    the induction task's activation-patching circuit. Measured induction scores: layer 0 heads
+    0.09, 0.40, 0.44, 0.45; every other head <= 0.03; circuit (top 3) = {(0,1), (0,2), (0,3)}."""
+    import random
+
+    from headscope.analyzers.classic import head_type_scores
+    from headscope.zoo import train_multitask as tm
+
+    rng = random.Random(3)
+    period = organism_period() or 12
+    seqs = [rng.sample(tm.SEQ, period) for _ in range(8)]
+    tokens = torch.tensor([multitask.tokenizer(" ".join(["ind"] + s + s))["input_ids"] for s in seqs])
+    detector = head_type_scores(multitask, "induction", tokens)
+    assert set(detector.top(3)) == circuits.circuit(multitask_patching["induction"][0], top_k=3)
+    assert detector.scores[1:].max() < 0.1
