@@ -3,13 +3,16 @@
 Causal, Llama-like GQA shape scaled to fit a small box (default H=8, Hkv=2, d=64,
 fp32). SDPA gets K/V already repeated to H heads (built outside the timing); ours
 uses GQA by index. Each figure is the best of --repeats interleaved runs. Prints
-one line per size and writes the figures to benchmarks/kernel_cpu.json.
+one line per size and writes the figures to benchmarks/kernel_cpu.json, with the
+machine's 1-minute load average before and after (the box is shared; ratios from
+interleaved runs are the meaningful figure).
 
-    python benchmarks/kernel_cpu.py [--sizes 8192 16384] [--repeats 3]
+    python benchmarks/kernel_cpu.py [--sizes 8192 16384] [--repeats 3] [--stats]
 """
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,11 +69,13 @@ def main():
             fns.append(lambda: attention_with_stats(
                 q, k, v, scale, causal=True, backend="torch", outputs=("out", "lse", "top1", "entropy"),
                 block_q=args.block_q, block_k=args.block_k))
+        load_before = os.getloadavg()[0]
         with torch.inference_mode():
             times = best_times(fns, args.repeats)
         row = dict(N=N, H=H, Hkv=Hkv, d=d, dtype="float32", threads=torch.get_num_threads(),
                    sdpa_s=round(times[0], 4), ours_out_s=round(times[1], 4),
-                   ratio_out=round(times[1] / times[0], 3))
+                   ratio_out=round(times[1] / times[0], 3),
+                   load_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
         if args.stats:
             row.update(ours_stats_s=round(times[2], 4), ratio_stats=round(times[2] / times[0], 3))
         print(json.dumps(row), flush=True)

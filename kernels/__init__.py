@@ -16,7 +16,11 @@ Arguments of attention_with_stats(q, k, v, scaling, ...):
   sliding_window: a query at position p sees keys j with p - j < sliding_window.
   key_groups, num_groups: int [Nk] or [B, Nk], group id per key in
       [0, num_groups) or -1 for none.
-  outputs: any of "out", "lse", "group_mass", "top1", "entropy".
+  key_match_ids, query_match_ids: int [C, B, Nk] and [C, B, Nq] (or [B, N] for C = 1;
+      batch 1 broadcasts): match ids per channel. "match_mass" [B, H, Nq, C] is the
+      mass of row i on keys j with key id == query id of i; ids < 0 never match.
+      E.g. previous-token: key id = j, query id = q_offset + i - 1.
+  outputs: any of "out", "lse", "group_mass", "top1", "entropy", "match_mass".
   Fused edits, applied to ``out`` only, in this order:
     uniform_heads: bool [H], those heads attend uniformly over their allowed keys
       (exactly attention with q = 0 on them);
@@ -47,9 +51,11 @@ from . import reference
 
 __all__ = ["attention_with_stats", "attention_received", "AttentionStats"]
 
-OUTPUT_NAMES = ("out", "lse", "group_mass", "top1", "entropy")
+OUTPUT_NAMES = ("out", "lse", "group_mass", "top1", "entropy", "match_mass")
 BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+TRITON_MAX_CHANNELS = 8  # match channels are unrolled in the Triton kernel
 
 
 @dataclass
@@ -62,6 +68,7 @@ class AttentionStats:
     top1_index: Optional[torch.Tensor] = None    # [B, H, Nq] int64, -1 on rows with no key
     top1_weight: Optional[torch.Tensor] = None   # [B, H, Nq] float32
     entropy: Optional[torch.Tensor] = None       # [B, H, Nq] float32, nats
+    match_mass: Optional[torch.Tensor] = None    # [B, H, Nq, C] float32
 
 
 def _fail(msg):
@@ -139,8 +146,7 @@ def _check_groups(key_groups, num_groups, B, Nk, device):
     """Validate key_groups; return a float32 one-hot [Bg, Nk, num_groups]."""
     if not isinstance(num_groups, int) or num_groups < 0:
         _fail(f"num_groups must be a non-negative int; got {num_groups!r}")
-    if not isinstance(key_groups, torch.Tensor) or key_groups.dtype not in (
-            torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if not isinstance(key_groups, torch.Tensor) or key_groups.dtype not in _INT_DTYPES:
         _fail("key_groups must be an integer tensor [Nk] or [B, Nk] of group ids (-1 = no group)")
     if key_groups.dim() == 1:
         key_groups = key_groups.unsqueeze(0)
@@ -153,6 +159,32 @@ def _check_groups(key_groups, num_groups, B, Nk, device):
               f"[{int(key_groups.min())}, {int(key_groups.max())}]; raise num_groups or fix the ids")
     ids = torch.arange(num_groups, device=device)
     return (key_groups.unsqueeze(-1) == ids).to(torch.float32), key_groups
+
+
+def _check_match_ids(key_ids, query_ids, B, Nq, Nk, device):
+    """Validate match ids; return int64 (key [C, B, Nk], query [C, B, Nq]), contiguous.
+
+    Negative ids become -1 on keys and -2 on queries, so the kernels only test equality.
+    """
+    if key_ids is None or query_ids is None:
+        _fail("match ids come in pairs: give both key_match_ids [C, B, Nk] and query_match_ids [C, B, Nq]")
+    fixed = []
+    for name, ids, n, what in (("key_match_ids", key_ids, Nk, "Nk"),
+                               ("query_match_ids", query_ids, Nq, "Nq")):
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT_DTYPES:
+            _fail(f"{name} must be an integer (int64) tensor [C, B, {what}] or [B, {what}]; got "
+                  f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if ids.dim() == 2:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 3 or ids.shape[0] < 1 or ids.shape[1] not in (1, B) or ids.shape[2] != n:
+            _fail(f"{name} has shape {tuple(ids.shape)}; expected [C, B, {what}] = [C, {B}, {n}] "
+                  f"or [B, {what}] = [{B}, {n}] (a batch dim of 1 broadcasts)")
+        fixed.append(ids.to(device=device, dtype=torch.int64).expand(-1, B, -1))
+    key, query = fixed
+    if key.shape[0] != query.shape[0]:
+        _fail(f"key_match_ids has {key.shape[0]} channels but query_match_ids has {query.shape[0]}; "
+              "both need the same C")
+    return key.clamp_min(-1).contiguous(), query.masked_fill(query < 0, -2).contiguous()
 
 
 def _triton_module():
@@ -192,12 +224,13 @@ def _check_block(x, name):
 @torch.no_grad()
 def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_padding_mask=None,
                          attn_mask=None, sliding_window=None, key_groups=None, num_groups=0,
-                         outputs=("out",), head_scale=None, uniform_heads=None, reweight=None,
+                         key_match_ids=None, query_match_ids=None, outputs=("out",),
+                         head_scale=None, uniform_heads=None, reweight=None,
                          backend="auto", block_q=None, block_k=None) -> AttentionStats:
     """Attention output and per-row statistics without materialising [H, Nq, Nk].
 
     q [B, H, Nq, d]; k, v [B, Hkv, Nk, d]. Statistics (lse, group_mass, top1,
-    entropy) describe the unedited attention; ``out`` carries the fused edits
+    entropy, match_mass) describe the unedited attention; ``out`` carries the fused edits
     (uniform_heads, then reweight, then head_scale). Not differentiable (runs
     under no_grad). Argument details: docstring of this module.
     """
@@ -222,6 +255,11 @@ def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_p
         onehot, group_ids = _check_groups(key_groups, num_groups, B, Nk, dev)
     if "group_mass" in outputs and (onehot is None or num_groups == 0):
         _fail("output 'group_mass' needs key_groups (ids per key) and num_groups > 0")
+    match_ids = None
+    if key_match_ids is not None or query_match_ids is not None:
+        match_ids = _check_match_ids(key_match_ids, query_match_ids, B, Nq, Nk, dev)
+    elif "match_mass" in outputs:
+        _fail("output 'match_mass' needs key_match_ids [C, B, Nk] and query_match_ids [C, B, Nq]")
     if head_scale is not None:
         head_scale = _per_head(head_scale, H, "head_scale", dev)
     if uniform_heads is not None:
@@ -247,19 +285,24 @@ def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_p
         unsupported.append("a general attn_mask")
     if v.shape[-1] != d:
         unsupported.append("a value head_dim different from the key head_dim")
+    if "match_mass" in outputs and match_ids[0].shape[0] > TRITON_MAX_CHANNELS:
+        unsupported.append(f"more than {TRITON_MAX_CHANNELS} match channels "
+                           f"(got C={match_ids[0].shape[0]})")
     backend = _pick_backend(backend, q, ", ".join(unsupported))
 
     want = dict(want_lse="lse" in outputs, want_groups="group_mass" in outputs,
-                want_top1="top1" in outputs, want_entropy="entropy" in outputs)
+                want_top1="top1" in outputs, want_entropy="entropy" in outputs,
+                want_match="match_mass" in outputs)
     want_stats = any(want.values())
     base_scale = torch.full((H,), scaling, dtype=torch.float32, device=dev)
     if backend == "triton":
         run = _triton_module().forward
-        common = dict(mk, group_ids=group_ids, num_groups=num_groups, block_q=block_q, block_k=block_k)
+        common = dict(mk, group_ids=group_ids, num_groups=num_groups, match_ids=match_ids,
+                      block_q=block_q, block_k=block_k)
     else:
         run = reference.forward
         common = dict(masks=reference.Masks(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, device=dev, **mk),
-                      onehot=onehot, block_q=block_q, block_k=block_k)
+                      onehot=onehot, match_ids=match_ids, block_q=block_q, block_k=block_k)
 
     res = {}
     want_out = "out" in outputs

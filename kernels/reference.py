@@ -155,13 +155,50 @@ def _prep_q(q, qs, qe, qscale, Hkv):
     return qb.reshape(B, Hkv, (H // Hkv) * (qe - qs), d)
 
 
-def forward(q, k, v, *, qscale, masks, onehot=None, want_out=True, want_lse=False,
-            want_groups=False, want_top1=False, want_entropy=False, reweight=None,
+TOP1_CHUNK = 64  # keys per chunk for the top-1 index search (see first_argmax)
+
+
+def first_argmax(s, rows, chunk=TOP1_CHUNK):
+    """Index of the first maximum in each of ``rows`` of the tile ``s`` [..., m] (rows of s.view(-1, m)).
+
+    torch's argmax is slow on CPU: when m is a multiple of ``chunk``, find the first chunk
+    holding the row maximum with a (fast) amax per chunk, then argmax only inside it.
+    """
+    m = s.shape[-1]
+    x = s.reshape(-1, m).index_select(0, rows)
+    if m % chunk:
+        return x.argmax(-1)
+    x = x.view(len(rows), m // chunk, chunk)
+    cmax = x.amax(-1)
+    first = (cmax == cmax.amax(-1, keepdim=True)).to(torch.uint8).argmax(-1)  # first chunk with the max
+    return first * chunk + x[torch.arange(len(rows), device=s.device), first].argmax(-1)
+
+
+def match_tile(p, key_ids, query_ids, qs, qe, ks, ke):
+    """Per channel, sum of the tile ``p`` [B, Hkv, G*n, m] over keys whose id equals the row's.
+
+    key_ids int64 [C, B, Nk], query_ids [C, B, Nq] (negatives already made unequal).
+    Returns [B, Hkv, G*n, C]; builds one [B, n, m] bool tile per channel.
+    """
+    B, Hkv, rows, m = p.shape
+    n = qe - qs
+    p5 = p.view(B, Hkv, rows // n, n, m)
+    parts = []
+    for kid, qid in zip(key_ids[:, :, ks:ke], query_ids[:, :, qs:qe]):
+        hit = (qid.unsqueeze(-1) == kid.unsqueeze(1)).view(B, 1, 1, n, m)
+        parts.append(torch.where(hit, p5, 0.0).sum(-1))
+    return torch.stack(parts, -1).view(B, Hkv, rows, len(parts))
+
+
+def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=True, want_lse=False,
+            want_groups=False, want_top1=False, want_entropy=False, want_match=False, reweight=None,
             head_scale=None, block_q=None, block_k=None):
     """Streamed attention forward. Returns a dict of the requested results.
 
     qscale: float32 [H], multiplies q (the softmax scaling; 0 makes a head uniform).
     onehot: float32 [Bg, Nk, num_groups] (Bg in {1, B}) group membership, or None.
+    match_ids: (key ids int64 [C, B, Nk], query ids [C, B, Nq]) or None; negative key ids
+    are -1 and negative query ids -2, so equality is the whole match test.
     reweight: (group_a, group_b, p float32 [H]) or None; applies to ``out``.
     head_scale: float32 [H] or None; applies to ``out``.
     """
@@ -184,6 +221,10 @@ def forward(q, k, v, *, qscale, masks, onehot=None, want_out=True, want_lse=Fals
         res["top1_weight"] = torch.empty(B, H, Nq, dtype=f32, device=dev)
     if want_entropy:
         res["entropy"] = torch.empty(B, H, Nq, dtype=f32, device=dev)
+    if want_match:
+        key_ids, query_ids = match_ids
+        nc = key_ids.shape[0]
+        res["match_mass"] = torch.empty(B, H, Nq, nc, dtype=f32, device=dev)
     if reweight is not None:
         ga, gb, rw_p = reweight
         sel_ab = onehot[..., [ga, gb]]                       # [Bg, Nk, 2]
@@ -201,31 +242,38 @@ def forward(q, k, v, *, qscale, masks, onehot=None, want_out=True, want_lse=Fals
                 acc = torch.zeros(B, Hkv, rows, dv, dtype=f32, device=dev)
             if want_groups:
                 gm = torch.zeros(B, Hkv, rows, ng, dtype=f32, device=dev)
-            if want_top1:
-                best = torch.full((B, Hkv, rows), NEG, dtype=f32, device=dev)
+            if want_top1:  # the top-1 score is the running max m; only its index is tracked
                 best_i = torch.full((B, Hkv, rows), -1, dtype=torch.int64, device=dev)
             if want_entropy:
                 ent = torch.zeros(B, Hkv, rows, dtype=f32, device=dev)  # sum p*(s-m), unnormalised
+            if want_match:
+                mm = torch.zeros(B, Hkv, rows, nc, dtype=f32, device=dev)
             if reweight is not None:
                 ab_mass = torch.zeros(B, Hkv, rows, 2, dtype=f32, device=dev)
                 a_vec = torch.zeros(B, Hkv, rows, dv, dtype=f32, device=dev)
                 b_vec = torch.zeros(B, Hkv, rows, dv, dtype=f32, device=dev)
 
             k_lo, k_hi = masks.key_range(qs, qe)
+            # score and probability tiles reuse two buffers across the key blocks
+            s_buf = torch.empty(B * Hkv * rows * min(bk, k_hi - k_lo), dtype=f32, device=dev)
+            p_buf = torch.empty_like(s_buf)
             for ks in range(k_lo, k_hi, bk):
                 ke = min(ks + bk, k_hi)
-                s = torch.matmul(qb, k[:, :, ks:ke].to(f32).transpose(-1, -2))
+                size, numel = (B, Hkv, rows, ke - ks), B * Hkv * rows * (ke - ks)
+                s = torch.matmul(qb, k[:, :, ks:ke].to(f32).transpose(-1, -2), out=s_buf[:numel].view(size))
                 masks.apply(s, qs, qe, ks, ke)
-                if want_top1:
-                    bmax, barg = s.max(dim=-1)
-                    better = bmax > best
-                    best = torch.where(better, bmax, best)
-                    best_i = torch.where(better, barg + ks, best_i)
-                else:
-                    bmax = s.amax(dim=-1)
+                bmax = s.amax(dim=-1)
+                # strict > keeps the earliest key on ties, like argmax within a tile
+                if want_top1 and dev.type == "cpu":
+                    # index search only on the rows whose running max this tile beats
+                    beat = (bmax > m).view(-1).nonzero().squeeze(1)
+                    if beat.numel():
+                        best_i.view(-1)[beat] = first_argmax(s, beat) + ks
+                elif want_top1:  # on accelerators stay sync-free (nonzero would sync)
+                    best_i = torch.where(bmax > m, s.argmax(-1) + ks, best_i)
                 # p is normalised within the tile (its max is 1/l_tile); masked keys get 0.
-                p = torch.softmax(s, dim=-1)
-                p_max = p.gather(-1, barg.unsqueeze(-1)).squeeze(-1) if want_top1 else p.amax(-1)
+                p = torch.softmax(s, dim=-1, out=p_buf[:numel].view(size))
+                p_max = p.amax(-1)  # = p at the argmax: rounding is monotone
                 m_new = torch.maximum(m, bmax)
                 alpha = torch.exp(m - m_new)
                 # the tile's unnormalised mass relative to m_new; 0 on rows with no allowed key
@@ -243,6 +291,8 @@ def forward(q, k, v, *, qscale, masks, onehot=None, want_out=True, want_lse=Fals
                     p_flat = p.view(B, Hkv * rows, ke - ks)
                 if want_groups:
                     gm.mul_(a4).add_(torch.matmul(p_flat, onehot[:, ks:ke]).view(B, Hkv, rows, ng).mul_(w4))
+                if want_match:
+                    mm.mul_(a4).add_(match_tile(p, key_ids, query_ids, qs, qe, ks, ke).mul_(w4))
                 if reweight is not None:
                     ab = torch.matmul(p_flat, sel_ab[:, ks:ke]).view(B, Hkv, rows, 2)
                     ab_mass.mul_(a4).add_(ab.mul_(w4))
@@ -274,10 +324,12 @@ def forward(q, k, v, *, qscale, masks, onehot=None, want_out=True, want_lse=Fals
                 put("lse", lse)
             if want_groups:
                 put("group_mass", gm / l_safe.unsqueeze(-1))
+            if want_match:
+                put("match_mass", mm / l_safe.unsqueeze(-1))
             if want_top1:
                 put("top1_index", best_i)
-                # best == m on rows that saw a key, so this is 1/l, without lse's rounding
-                put("top1_weight", torch.where(seen, torch.exp(best - m) / l_safe, torch.zeros_like(l)))
+                # the top-1 score is m, so its weight is exp(0) / l, without lse's rounding
+                put("top1_weight", torch.where(seen, 1 / l_safe, torch.zeros_like(l)))
             if want_entropy:
                 h = torch.log(l_safe) - ent / l_safe
                 put("entropy", torch.where(seen, h.clamp_min(0), torch.zeros_like(l)))

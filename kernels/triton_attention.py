@@ -2,13 +2,13 @@
 
 ``forward``: grid (query block, batch*head); each program loops over key blocks
 with an online softmax and keeps extra per-row accumulators for the statistics
-(group mass, top-1, entropy) and the fused edits. ``received``: grid (key block,
+(group mass, top-1, entropy, match mass) and the fused edits. ``received``: grid (key block,
 batch*head); each program loops over query blocks and reuses lse, like
 FlashAttention's dK/dV loop. GQA by index: query head h reads KV head h // G.
 
-Supports causal, q_offset, key padding, sliding window, key groups and every
-fused edit. A general ``attn_mask`` is not supported (the dispatcher falls back
-to torch). Runs on CUDA, or on CPU tensors when TRITON_INTERPRET=1 was set
+Supports causal, q_offset, key padding, sliding window, key groups, match ids
+(NUM_C channels, unrolled) and every fused edit. A general ``attn_mask`` is not
+supported (the dispatcher falls back to torch). Runs on CUDA, or on CPU tensors when TRITON_INTERPRET=1 was set
 before this module was imported (``INTERPRETED``).
 """
 
@@ -26,16 +26,17 @@ NEG = tl.constexpr(-1e30)  # finite floor for running maxima (see reference.py)
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, QSCALE, KPM, GID, HSCALE, RWP,
-    OUT, LSE, GMASS, TOPI, TOPW, ENT,
+    Q, K, V, QSCALE, KPM, GID, HSCALE, RWP, KMID, QMID,
+    OUT, LSE, GMASS, TOPI, TOPW, ENT, MMASS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    skpm, sgid,
+    skpm, sgid, skmc, skmb, sqmc, sqmb,
     H, G, Nq, Nk, D, q_offset, window, num_groups, group_a, group_b,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     WANT_OUT: tl.constexpr, WANT_LSE: tl.constexpr, WANT_GROUPS: tl.constexpr,
-    WANT_TOP1: tl.constexpr, WANT_ENT: tl.constexpr, REWEIGHT: tl.constexpr,
-    HEAD_SCALE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    WANT_TOP1: tl.constexpr, WANT_ENT: tl.constexpr, WANT_MATCH: tl.constexpr, REWEIGHT: tl.constexpr,
+    HEAD_SCALE: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, NUM_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -69,6 +70,8 @@ def _fwd_kernel(
     best = tl.full([BLOCK_M], NEG, tl.float32)
     best_i = tl.full([BLOCK_M], -1, tl.int32)
     ent = tl.zeros([BLOCK_M], tl.float32)  # sum p * (s - m), unnormalised
+    offs_c = tl.arange(0, BLOCK_C)
+    mm = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # match mass per channel, unnormalised
     a_mass = tl.zeros([BLOCK_M], tl.float32)
     b_mass = tl.zeros([BLOCK_M], tl.float32)
     a_vec = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -116,6 +119,14 @@ def _fwd_kernel(
         if WANT_GROUPS:
             onehot = (gid[:, None] == tl.arange(0, BLOCK_G)[None, :]).to(tl.float32)
             gm = gm * alpha[:, None] + tl.dot(p, onehot, input_precision="ieee")
+        if WANT_MATCH:
+            # key ids < 0 are -1 and query ids < 0 are -2 (dispatcher), so == is the whole test
+            mm = mm * alpha[:, None]
+            for c in tl.static_range(NUM_C):
+                kid = tl.load(KMID + c * skmc + b * skmb + offs_n, mask=n_ok, other=-1)
+                qid = tl.load(QMID + c * sqmc + b * sqmb + offs_m, mask=row_ok, other=-2)
+                part = tl.sum(tl.where(qid[:, None] == kid[None, :], p, 0.0), 1)
+                mm += tl.where(offs_c[None, :] == c, part[:, None], 0.0)
         if REWEIGHT:
             pa = tl.where((gid == group_a)[None, :], p, 0.0)
             pb = tl.where((gid == group_b)[None, :], p, 0.0)
@@ -147,6 +158,9 @@ def _fwd_kernel(
         offs_g = tl.arange(0, BLOCK_G)
         tl.store(GMASS + row[:, None] * num_groups + offs_g[None, :], gm / l_safe[:, None],
                  mask=row_ok[:, None] & (offs_g < num_groups)[None, :])
+    if WANT_MATCH:
+        tl.store(MMASS + row[:, None] * NUM_C + offs_c[None, :], mm / l_safe[:, None],
+                 mask=row_ok[:, None] & (offs_c < NUM_C)[None, :])
     if WANT_TOP1:
         tl.store(TOPI + row, best_i.to(tl.int64), mask=row_ok)
         tl.store(TOPW + row, tl.where(seen, tl.exp(best - m_i) / l_safe, 0.0), mask=row_ok)
@@ -236,8 +250,9 @@ def _prec(dtype):
 
 
 def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, sliding_window,
-            group_ids, num_groups, want_out=True, want_lse=False, want_groups=False, want_top1=False,
-            want_entropy=False, reweight=None, head_scale=None, block_q=None, block_k=None):
+            group_ids, num_groups, match_ids=None, want_out=True, want_lse=False, want_groups=False,
+            want_top1=False, want_entropy=False, want_match=False, reweight=None, head_scale=None,
+            block_q=None, block_k=None):
     """Same contract as reference.forward (inputs validated by the dispatcher)."""
     if attn_mask is not None:
         raise ValueError("the Triton kernel does not support a general attn_mask; use backend='torch'")
@@ -253,6 +268,9 @@ def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, s
     topi = torch.empty(B, H, Nq, dtype=torch.int64, device=dev) if want_top1 else dummy
     topw = torch.empty(B, H, Nq, dtype=f32, device=dev) if want_top1 else dummy
     ent = torch.empty(B, H, Nq, dtype=f32, device=dev) if want_entropy else dummy
+    kmid, qmid = match_ids if want_match else (dummy, dummy)  # contiguous int64 [C, B, N]
+    nc = kmid.shape[0] if want_match else 1
+    mmass = torch.empty(B, H, Nq, nc, dtype=f32, device=dev) if want_match else dummy
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
     gid = group_ids.to(torch.int32).contiguous() if group_ids is not None else None
     ga, gb, rwp = reweight if reweight is not None else (0, 0, None)
@@ -262,16 +280,18 @@ def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, s
     _fwd_kernel[grid](
         q, k, v, qscale, kpm if kpm is not None else dummy, gid if gid is not None else dummy,
         head_scale if head_scale is not None else dummy, rwp if rwp is not None else dummy,
-        out, lse, gm, topi, topw, ent,
+        kmid, qmid, out, lse, gm, topi, topw, ent, mmass,
         *q.stride(), *k.stride(), *v.stride(), *so,
         kpm.stride(0) if kpm is not None and kpm.shape[0] > 1 else 0,
         gid.stride(0) if gid is not None and gid.shape[0] > 1 else 0,
+        *(kmid.stride()[:2] if want_match else (0, 0)), *(qmid.stride()[:2] if want_match else (0, 0)),
         H, H // Hkv, Nq, Nk, d, q_offset, sliding_window or 0, num_groups, ga, gb,
         CAUSAL=causal, HAS_WINDOW=sliding_window is not None, HAS_PAD=kpm is not None,
         WANT_OUT=want_out, WANT_LSE=want_lse, WANT_GROUPS=want_groups, WANT_TOP1=want_top1,
-        WANT_ENT=want_entropy, REWEIGHT=want_out and reweight is not None,
+        WANT_ENT=want_entropy, WANT_MATCH=want_match, REWEIGHT=want_out and reweight is not None,
         HEAD_SCALE=want_out and head_scale is not None,
-        PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_G=BG,
+        PREC=prec, UPCAST=upcast, NUM_C=nc, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_G=BG,
+        BLOCK_C=triton.next_power_of_2(nc),
     )
     res = {}
     if want_out:
@@ -284,6 +304,8 @@ def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, s
         res["top1_index"], res["top1_weight"] = topi, topw
     if want_entropy:
         res["entropy"] = ent
+    if want_match:
+        res["match_mass"] = mmass
     return res
 
 

@@ -26,6 +26,13 @@ def allowed_mask(B, H, Nq, Nk, *, causal=False, q_offset=None, key_padding_mask=
     return allow, add
 
 
+def match_matrix(key_ids, query_ids, B, Nq, Nk):
+    """Bool [C, B, Nq, Nk]: key id of j == query id of i, and the id is >= 0."""
+    kid = (key_ids if key_ids.dim() == 3 else key_ids[None]).expand(-1, B, Nk)
+    qid = (query_ids if query_ids.dim() == 3 else query_ids[None]).expand(-1, B, Nq)
+    return (qid[..., :, None] == kid[..., None, :]) & (kid >= 0)[..., None, :]
+
+
 def _softmax(s):
     """Row softmax that gives 0 (not NaN) on rows with every score -inf."""
     m = s.amax(-1, keepdim=True)
@@ -36,8 +43,8 @@ def _softmax(s):
 
 
 def dense(q, k, v, scaling, *, causal=False, q_offset=None, key_padding_mask=None, attn_mask=None,
-          sliding_window=None, key_groups=None, num_groups=0, head_scale=None, uniform_heads=None,
-          reweight=None):
+          sliding_window=None, key_groups=None, num_groups=0, key_match_ids=None, query_match_ids=None,
+          head_scale=None, uniform_heads=None, reweight=None):
     """Everything attention_with_stats returns, computed densely in float64."""
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -67,6 +74,9 @@ def dense(q, k, v, scaling, *, causal=False, q_offset=None, key_padding_mask=Non
         kg = key_groups if key_groups.dim() == 2 else key_groups.expand(B, Nk)
         onehot = (kg[..., None] == torch.arange(num_groups)).double()  # [B, Nk, ng]
         res["group_mass"] = p @ onehot[:, None]
+    if key_match_ids is not None:
+        res["match_mass"] = torch.einsum("bhij,cbij->bhic", p, match_matrix(key_match_ids, query_match_ids,
+                                                                            B, Nq, Nk).double())
 
     pe = p
     if uniform_heads is not None:
@@ -91,13 +101,20 @@ def dense(q, k, v, scaling, *, causal=False, q_offset=None, key_padding_mask=Non
 
 # --------------------------------------------------------------------------- cases
 
-ALL_OUTPUTS = ("out", "lse", "group_mass", "top1", "entropy")
+ALL_OUTPUTS = ("out", "lse", "group_mass", "top1", "entropy", "match_mass")
+MATCH_FORMS = ("CBN", "BN", "C1N")
 
 
 def make_case(*, seed, B, H, Hkv, Nq, Nk, d, causal=False, q_offset=None, pad=False,
               window=None, num_groups=0, per_batch_groups=False, attn_mask=None,
-              dtype=torch.float32, score_scale=1.0):
-    """Random inputs and keyword arguments for attention_with_stats."""
+              dtype=torch.float32, score_scale=1.0, match_channels=0, match_form="CBN"):
+    """Random inputs and keyword arguments for attention_with_stats.
+
+    match_channels > 0 adds match ids: channel 0 previous-token (key id = j, query id =
+    position - 1, negative before key 0), the others random ids in [-2, 3] (many matches,
+    some negative ids). match_form: "CBN" [C, B, N], "BN" [B, N] (one channel), "C1N"
+    [C, 1, N] (broadcast over the batch).
+    """
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, H, Nq, d, generator=g) * score_scale).to(dtype)
     k = torch.randn(B, Hkv, Nk, d, generator=g).to(dtype)
@@ -117,7 +134,21 @@ def make_case(*, seed, B, H, Hkv, Nq, Nk, d, causal=False, q_offset=None, pad=Fa
         m = torch.zeros(B, 1, Nq, Nk)
         m[torch.rand(B, 1, Nq, Nk, generator=g) < 0.2] = float("-inf")
         kw["attn_mask"] = m
+    if match_channels:
+        Bm = 1 if match_form == "C1N" else B
+        C = 1 if match_form == "BN" else match_channels
+        qo = Nk - Nq if q_offset is None else q_offset
+        kid = torch.randint(-2, 4, (C, Bm, Nk), generator=g)
+        qid = torch.randint(-2, 4, (C, Bm, Nq), generator=g)
+        kid[0] = torch.arange(Nk)
+        qid[0] = torch.arange(Nq) + qo - 1
+        kw["key_match_ids"], kw["query_match_ids"] = (kid[0], qid[0]) if match_form == "BN" else (kid, qid)
     return q, k, v, d ** -0.5, kw
+
+
+def without_match(kw):
+    """kw minus the match ids (for attention_received, which has none)."""
+    return {n: x for n, x in kw.items() if n not in ("key_match_ids", "query_match_ids")}
 
 
 def assert_close(got, want, tol, what):
@@ -148,6 +179,8 @@ def check_stats(st, ref, *, tol_out=1e-5, tol_stat=1e-6, tol_ent=1e-5, groups=Tr
     assert_close(st.lse, ref["lse"], tol_stat, "lse")
     if groups:
         assert_close(st.group_mass, ref["group_mass"], tol_stat, "group_mass")
+    if "match_mass" in ref:
+        assert_close(st.match_mass, ref["match_mass"], tol_stat, "match_mass")
     assert_close(st.entropy, ref["entropy"], tol_ent, "entropy")
     assert_close(st.top1_weight, ref["top1_weight"], tol_stat, "top1_weight")
     # top-1 index: identical, except where the dense row has a near-tie at the top.
@@ -184,6 +217,8 @@ def case_strategy(st, *, max_n=40, max_d=16, min_block=2, max_block=16):
             num_groups=draw(st.integers(1, 4)),
             per_batch_groups=draw(st.booleans()),
             score_scale=draw(st.sampled_from([1.0, 4.0])),
+            match_channels=draw(st.integers(1, 3)),
+            match_form=draw(st.sampled_from(MATCH_FORMS)),
         ), dict(block_q=draw(st.integers(min_block, max_block)),
                 block_k=draw(st.integers(min_block, max_block)))
 

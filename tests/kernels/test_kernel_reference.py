@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from headscope_kernels import attention_received, attention_with_stats
 from kernel_dense_ref import (ALL_OUTPUTS, assert_close, case_strategy, check_stats, dense, make_case,
-                              received_tol)
+                              received_tol, without_match)
 
 # HEADSCOPE_KERNEL_EXAMPLES=500 for a longer hunt.
 SETTINGS = settings(max_examples=int(os.environ.get("HEADSCOPE_KERNEL_EXAMPLES", 50)), deadline=None,
@@ -40,6 +40,7 @@ def test_received_matches_dense(case, data):
     params, blocks = case
     q, k, v, scale, kw = make_case(**params)
     kw.pop("key_groups", None), kw.pop("num_groups", None)
+    kw = without_match(kw)
     Nq = q.shape[2]
     start = data.draw(st.integers(0, Nq))
     stop = data.draw(st.integers(start, Nq))
@@ -98,7 +99,7 @@ def test_reweight_without_b_mass_leaves_rows_unchanged():
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
 def test_low_precision_inputs(dtype, tol):
     q, k, v, scale, kw = make_case(seed=3, B=2, H=4, Hkv=2, Nq=33, Nk=47, d=16, causal=True,
-                                   pad=True, window=20, num_groups=3, dtype=dtype)
+                                   pad=True, window=20, num_groups=3, dtype=dtype, match_channels=2)
     st_ = attention_with_stats(q, k, v, scale, outputs=ALL_OUTPUTS, backend="torch", block_q=8,
                                block_k=16, **kw)
     assert st_.out.dtype == dtype and st_.lse.dtype == torch.float32
@@ -107,6 +108,7 @@ def test_low_precision_inputs(dtype, tol):
     # statistics are accumulated in fp32 from the rounded inputs, so they stay tight
     assert_close(st_.lse, ref["lse"], 1e-5, "lse")
     assert_close(st_.group_mass, ref["group_mass"], 1e-5, "group_mass")
+    assert_close(st_.match_mass, ref["match_mass"], 1e-5, "match_mass")
     assert_close(st_.entropy, ref["entropy"], 1e-4, "entropy")
 
 
@@ -118,13 +120,16 @@ def test_rows_without_keys_are_zero_not_nan():
     # causal with q_offset=-2: rows 0 and 1 come before key 0
     st_ = attention_with_stats(q, k, v, scale, causal=True, q_offset=-2, key_padding_mask=kpm,
                                key_groups=torch.zeros(Nk, dtype=torch.long), num_groups=1,
+                               key_match_ids=torch.zeros(Nk, dtype=torch.long).expand(B, Nk),
+                               query_match_ids=torch.zeros(Nq, dtype=torch.long).expand(B, Nq),
                                outputs=ALL_OUTPUTS, backend="torch", block_q=2, block_k=3)
     empty = torch.zeros(B, H, Nq, dtype=torch.bool)
     empty[1] = True
     empty[:, :, :2] = True
-    for name in ("out", "lse", "group_mass", "top1_weight", "entropy"):
+    for name in ("out", "lse", "group_mass", "top1_weight", "entropy", "match_mass"):
         assert not torch.isnan(getattr(st_, name)).any(), name
-    assert (st_.out[empty] == 0).all()
+    assert (st_.out[empty] == 0).all() and (st_.match_mass[empty] == 0).all()
+    assert torch.allclose(st_.match_mass[~empty], torch.ones(1))  # every id matches
     assert (st_.lse[empty] == float("-inf")).all() and torch.isfinite(st_.lse[~empty]).all()
     assert (st_.group_mass[empty] == 0).all()
     assert torch.allclose(st_.group_mass[~empty], torch.ones(1))
@@ -147,7 +152,8 @@ def test_defaults_are_bottom_right_aligned_and_outputs_optional():
 
 
 def test_worker_threads_give_identical_results():
-    q, k, v, scale, kw = make_case(seed=9, B=1, H=4, Hkv=2, Nq=64, Nk=64, d=8, causal=True, num_groups=2)
+    q, k, v, scale, kw = make_case(seed=9, B=1, H=4, Hkv=2, Nq=64, Nk=64, d=8, causal=True, num_groups=2,
+                                   match_channels=2)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -186,7 +192,7 @@ class _LargestTensor(TorchDispatchMode):
 def test_never_materialises_the_attention_pattern():
     B, H, Hkv, N, d, bq, bk = 1, 4, 2, 256, 8, 32, 32
     q, k, v, scale, kw = make_case(seed=7, B=B, H=H, Hkv=Hkv, Nq=N, Nk=N, d=d, causal=True,
-                                   pad=True, num_groups=3)
+                                   pad=True, num_groups=3, match_channels=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # dispatch modes are per thread: keep every tile on this one
     try:
@@ -195,10 +201,27 @@ def test_never_materialises_the_attention_pattern():
                                  uniform_heads=torch.tensor([True, False, False, False]),
                                  reweight=(0, 1, 0.5), head_scale=torch.ones(H), backend="torch", **kw)
             kw.pop("key_groups"), kw.pop("num_groups")
-            attention_received(q, k, scale, block_q=bq, block_k=bk, backend="torch", **kw)
+            attention_received(q, k, scale, block_q=bq, block_k=bk, backend="torch", **without_match(kw))
     finally:
         torch.set_num_threads(threads)
     tile, inputs = B * H * bq * bk, B * H * N * d
     assert rec.largest >= tile            # the tiles were seen...
     assert rec.largest <= max(tile, inputs), rec.largest
     assert rec.largest < H * N * N // 16  # ...and nothing near the [H, N, N] pattern
+
+
+@pytest.mark.parametrize("block_k", [64, 128, 100])
+def test_top1_index_search_over_wide_tiles(block_k):
+    """Tiles as wide as a chunk multiple use the chunked index search; ties keep the first key."""
+    q, k, v, scale, kw = make_case(seed=16, B=1, H=4, Hkv=2, Nq=40, Nk=300, d=16, causal=True,
+                                   q_offset=260, pad=True, num_groups=2, match_channels=2)
+    kw["key_padding_mask"][:] = True
+    st_ = attention_with_stats(q, k, v, scale, outputs=ALL_OUTPUTS, backend="torch", block_q=8,
+                               block_k=block_k, **kw)
+    check_stats(st_, dense(q, k, v, scale, **kw))
+    # Exact ties: the same key at 70, 75 and 200 (other chunks and tiles), aligned with every query.
+    k[:, :, [75, 200]] = k[:, :, 70:71]
+    q = k[:, :, 70:71].repeat_interleave(2, 1).expand(-1, -1, 40, -1) * 3
+    st_ = attention_with_stats(q, k, v, scale, outputs=("top1",), backend="torch", block_q=8,
+                               block_k=block_k, **kw)
+    assert (st_.top1_index == 70).all()

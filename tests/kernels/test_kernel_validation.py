@@ -37,6 +37,17 @@ BAD_CALLS = [
     (dict(sliding_window=0), "sliding_window must be a positive int"),
     (dict(block_q=0), "block_q must be a positive int"),
     (dict(q_offset=1.5), "q_offset must be an int"),
+    (dict(outputs=("match_mass",)), "needs key_match_ids"),
+    (dict(key_match_ids=torch.zeros(1, 7, dtype=torch.long)), "come in pairs"),
+    (dict(key_match_ids=torch.zeros(1, 7), query_match_ids=torch.zeros(1, 5)), "integer"),
+    (dict(key_match_ids=torch.zeros(2, 1, 6, dtype=torch.long),
+          query_match_ids=torch.zeros(2, 1, 5, dtype=torch.long)), "key_match_ids has shape"),
+    (dict(key_match_ids=torch.zeros(1, 1, 7, dtype=torch.long),
+          query_match_ids=torch.zeros(1, 3, 5, dtype=torch.long)), "query_match_ids has shape"),
+    (dict(key_match_ids=torch.zeros(7, dtype=torch.long),
+          query_match_ids=torch.zeros(5, dtype=torch.long)), "key_match_ids has shape"),
+    (dict(key_match_ids=torch.zeros(2, 1, 7, dtype=torch.long),
+          query_match_ids=torch.zeros(3, 1, 5, dtype=torch.long)), "same C"),
 ]
 
 
