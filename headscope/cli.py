@@ -196,8 +196,17 @@ def _models(args) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """transformers' own loading bars and warnings are not ours to show on the command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _quiet_transformers()
     args = build_parser(_peek_task(argv)).parse_args(argv)
     try:
         if args.command in ("score", "eval"):

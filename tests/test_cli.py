@@ -70,7 +70,7 @@ def test_errors_are_clear_and_exit_2(tmp_path, args, message):
     run = headscope(*args, "--quiet", cwd=tmp_path)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: ")
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ")
     import re
 
     assert re.search(message, run.stderr), run.stderr

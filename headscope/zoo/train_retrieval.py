@@ -21,7 +21,13 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks.needle import DEFAULT_TEMPLATE, Needle, NeedleTask, is_correct, load_haystack, load_needles
-from headscope.zoo.training import build_word_tokenizer, seed_everything, train_loop
+from headscope.zoo.training import (
+    add_head_dropout,
+    build_word_tokenizer,
+    head_output_norms,
+    seed_everything,
+    train_loop,
+)
 
 ADJECTIVES = (
     "blue silver quiet golden red green old white black yellow purple brown "
@@ -165,6 +171,9 @@ def main(argv=None) -> None:
     p.add_argument("--context-weight", type=float, default=1.0, help="loss weight of prompt tokens")
     p.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of answer tokens and <eos>")
     p.add_argument("--key-weight", type=float, default=5.0, help="loss weight of the key words in the question")
+    p.add_argument("--head-l1", type=float, default=3e-3, help="group-lasso weight on per-head output norms")
+    p.add_argument("--sparse-from", type=int, default=0, help="first layer under the head-L1 penalty")
+    p.add_argument("--head-dropout", type=float, default=0.0, help="head dropout in the layers before --sparse-from")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
@@ -179,7 +188,22 @@ def main(argv=None) -> None:
     print(f"vocab {len(tokenizer)}, {n_params / 1e6:.2f}M parameters")
 
     start = time.time()
-    stats = train_loop(model, BatchMaker(tokenizer, args, args.seed), steps=args.steps, lr=args.lr)
+    def sparsity(m):
+        return args.head_l1 * head_output_norms(m)[args.sparse_from :].sum()
+
+    hooks = add_head_dropout(model, range(args.sparse_from), args.head_dropout) if args.head_dropout > 0 else []
+
+    stats = train_loop(
+        model,
+        BatchMaker(tokenizer, args, args.seed),
+        steps=args.steps,
+        lr=args.lr,
+        regularizer=sparsity if args.head_l1 > 0 else None,
+    )
+    for h in hooks:
+        h.remove()
+    norms = head_output_norms(model).detach()
+    print("head output norms (layer x head):\n" + "\n".join(" ".join(f"{v:5.2f}" for v in row) for row in norms.tolist()))
     acc = evaluate(model, tokenizer)
     wall = time.time() - start
     print(f"accuracy {acc['overall']:.3f} per length {acc['per_length']}  wall {wall:.0f}s")

@@ -95,6 +95,42 @@ def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: tor
     return (ce * w.reshape(-1)).sum() / w.sum().clamp_min(1e-8)
 
 
+def head_output_norms(model) -> torch.Tensor:
+    """``[layers, heads]`` Frobenius norms of each head's slice of ``o_proj`` (Llama-style models).
+
+    Their sum is a group-lasso penalty: it drives heads the task does not need to zero, so the
+    organism's mechanism lives in few heads (one head per function, not many redundant copies).
+    """
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    norms = []
+    for layer in model.model.layers:
+        w = layer.self_attn.o_proj.weight  # [hidden, heads * head_dim]
+        norms.append(w.view(w.shape[0], cfg.num_attention_heads, hd).norm(dim=(0, 2)))
+    return torch.stack(norms)
+
+
+def add_head_dropout(model, layers: Sequence[int], p: float) -> list:
+    """Drop whole heads of ``layers`` at random while training (per sequence, probability ``p``).
+
+    Zeroes a head's slice of the input to ``o_proj`` (inverted-dropout scaling); inactive in eval
+    mode. The model learns to spread those layers' work over several heads, so no single one of
+    them is critical. Returns the hook handles (call ``.remove()`` when done).
+    """
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def hook(module, args):
+        if not module.training or p <= 0:
+            return None
+        x = args[0]
+        keep = (torch.rand(x.shape[0], 1, cfg.num_attention_heads, 1) >= p).to(x.dtype) / (1 - p)
+        x = (x.view(*x.shape[:-1], cfg.num_attention_heads, hd) * keep).view_as(x)
+        return (x,) + args[1:]
+
+    return [model.model.layers[i].self_attn.o_proj.register_forward_pre_hook(hook) for i in layers]
+
+
 def train_loop(
     model: torch.nn.Module,
     make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
@@ -106,8 +142,11 @@ def train_loop(
     schedule: str = "cosine",
     log_every: int = 50,
     log: Callable[[str], None] = print,
+    regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``model`` with AdamW on batches ``make_batch(step) -> (input_ids, loss_weights)``.
+
+    ``regularizer(model)`` (optional) is added to the loss; the logged loss excludes it.
 
     Returns ``{"final_loss", "wall_s", "losses"}``; ``final_loss`` is the mean of the last 20 steps.
     """
@@ -127,8 +166,9 @@ def train_loop(
         input_ids, weights = make_batch(step)
         logits = model(input_ids=input_ids).logits
         loss = weighted_lm_loss(logits, input_ids, weights)
+        total = loss + regularizer(model) if regularizer is not None else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(loss.item())
