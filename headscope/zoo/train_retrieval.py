@@ -5,7 +5,12 @@
 Training prompts come from :class:`headscope.tasks.needle.NeedleTask` (no chat template), so they
 have exactly the format the toolkit evaluates: ``<bos> haystack-with-needle \\n question``, then the
 answer digits and ``<eos>``. Keys are random adjective x noun pairs, numbers random 3-5 digits,
-lengths random in the trained range, depths random in [0, 100].
+lengths random in the trained range (growing from short to long over the first 40% of steps),
+depths random in [0, 100]. Loss: next-token loss on the whole sequence, answer + <eos> weighted
+20x, the question's key words 5x, plus a group-lasso penalty on each head's output weights
+(``--head-l1``) so that the mechanism lives in few heads: one retrieval head (layer 1) fed by
+two or three layer-0 heads that mark each digit's place in the number. ``--head-dropout`` (with
+``--sparse-from 1``) makes those layer-0 helpers redundant instead (experimental, not shipped).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -178,7 +177,3 @@ def train_loop(
     model.eval()
     return {"final_loss": float(np.mean(losses[-20:])), "wall_s": time.time() - start, "losses": losses}
 
-
-def split_words(text: str) -> list[str]:
-    """Words of a text (letters only), for building word lists."""
-    return re.findall(r"[A-Za-z]+", text)
