@@ -128,6 +128,11 @@ def _needle_child(n: int, folder: str) -> dict:
         start = time.perf_counter()
         _score_decode(hm, [trial], [0], 0)
         out["headscope_decode_s"] = round(time.perf_counter() - start, 3)
+        need = estimated_bytes("eager", n)
+        if need > 0.8 * _available_bytes():
+            out["transformers_decode_output_attentions_s"] = f"exceeds memory (~{need / 2**30:.0f} GB)"
+            out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            return out
         # the decode approach as done with transformers: eager attention, output_attentions
         hm.model.set_attn_implementation("eager")
         ids = torch.tensor([trial.prompt_ids])
@@ -174,7 +179,7 @@ def main() -> None:
                 return {"status": "failed", "error": run.stderr.strip().splitlines()[-1:]}
             return {"status": "ok", **json.loads(run.stdout.strip().splitlines()[-1])}
 
-        for n in [int(x) for x in args.lengths.split(",")]:
+        for n in [int(x) for x in args.lengths.split(",") if x.strip()]:
             for method in args.methods.split(","):
                 need = estimated_bytes(method, n)
                 if need > 0.8 * _available_bytes():
