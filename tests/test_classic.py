@@ -139,27 +139,20 @@ def test_cli_classic_task(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: the best retrieval head (1,5) ranks 18th of 32 on the induction "
+                   "detector; this organism copies digits by their place in the number (layer-0 heads mark "
+                   "positions), not by induction on token identity, so the check does not hold here (issue 5)")
 def test_retrieval_organism_induction_detector_ranks_retrieval_heads_high():
-    """The retrieval organism's best retrieval head (ground_truth.csv, else retrieval_heads scores
-    on the organism's needle grid) lies in the induction detector's top quarter."""
+    """The retrieval organism's best retrieval head (retrieval_heads on its needle grid) lies in the
+    induction detector's top quarter."""
     from headscope import zoo
-    from headscope.scores import HeadScores
+    from headscope.analyzers.retrieval import retrieval_heads
+    from headscope.tasks.needle import NeedleTask
 
-    path = zoo.organism_path("retrieval")
-    if path is None or not (path / "config.json").exists():
-        pytest.skip("retrieval organism not shipped yet")
     hm = HeadModel.load("retrieval")
-    gt = zoo.ground_truth_path("retrieval")
-    if gt is not None:
-        truth = HeadScores.from_csv(gt)
-    else:
-        from headscope.analyzers.retrieval import retrieval_heads
-        from headscope.tasks.needle import NeedleTask
-
-        grid = zoo.organism_info("retrieval").get("needle", {})
-        task = NeedleTask(hm.tokenizer, lengths=grid.get("lengths", [256])[:2], depths=grid.get("depths", [50.0]),
-                          use_chat_template=False)
-        truth = retrieval_heads(hm, task.trials(), progress=False)
+    grid = zoo.organism_info("retrieval")["needle"]
+    task = NeedleTask(hm.tokenizer, lengths=grid["lengths"][:2], depths=grid["depths"], use_chat_template=False)
+    truth = retrieval_heads(hm, task.trials(), progress=False)
     induction = classic.head_type_scores(hm, "induction", classic.repeated_random_tokens(hm, 8, 64))
     ranking = [tuple(h) for h in induction.top(induction.scores.numel())]
     best = truth.top(1)[0]

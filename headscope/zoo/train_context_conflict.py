@@ -26,7 +26,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks.context_conflict import CLOSED_BOOK, QUESTION, STATEMENT, ContextConflictTask, make_world
-from headscope.zoo.training import build_word_tokenizer, seed_everything, train_loop
+from headscope.zoo.training import organism_config, build_word_tokenizer, seed_everything, train_loop
 
 
 def build_tokenizer(world):
@@ -35,22 +35,8 @@ def build_tokenizer(world):
 
 
 def make_config(tokenizer, args) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
-    )
+    return organism_config(tokenizer, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                           heads=args.heads, kv_heads=args.kv_heads, max_positions=256)
 
 
 class BatchMaker:

@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks.circuit_pairs import CircuitPair
-from headscope.zoo.training import build_word_tokenizer, seed_everything, train_loop
+from headscope.zoo.training import organism_config, build_word_tokenizer, seed_everything, train_loop
 
 def _words(prefix: str, n: int) -> list[str]:
     """Letter-only names (the word tokenizer splits digits): prefix + two letters."""
@@ -167,13 +167,8 @@ def main(argv=None) -> None:
 
     seed_everything(args.seed, threads=args.threads)
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads, max_position_embeddings=64, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
-    )
+    config = organism_config(tokenizer, hidden=args.hidden, intermediate=4 * args.hidden, layers=args.layers,
+                             heads=args.heads, kv_heads=args.kv_heads, max_positions=64)
     model = LlamaForCausalLM(config)
     start = time.time()
     stats = train_loop(model, make_batch_fn(tokenizer, args.batch, args.seed, tuple(int(x) for x in args.periods.split(","))), steps=args.steps, lr=args.lr,

@@ -36,7 +36,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks import refusal as R
 from headscope.tasks.safety_prompts import REFERENCE_TEMPLATE, encode_prompts
-from headscope.zoo.training import build_word_tokenizer, lr_at, seed_everything, weighted_lm_loss
+from headscope.zoo.training import organism_config, build_word_tokenizer, lr_at, seed_everything, weighted_lm_loss
 
 
 def build_tokenizer():
@@ -46,20 +46,8 @@ def build_tokenizer():
 
 
 def make_config(tokenizer, args) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return organism_config(tokenizer, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                           heads=args.heads, kv_heads=args.kv_heads, max_positions=256)
 
 
 def heldout(seed: int, n: int) -> tuple[list[R.RefusalItem], list[R.RefusalItem]]:

@@ -27,6 +27,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks.needle import DEFAULT_TEMPLATE, Needle, NeedleTask, is_correct, load_haystack, load_needles
 from headscope.zoo.training import (
+    organism_config,
     add_head_dropout,
     build_word_tokenizer,
     head_output_norms,
@@ -68,22 +69,8 @@ def build_tokenizer():
 
 def make_config(tokenizer, args) -> LlamaConfig:
     """The organism's architecture (GQA: fewer key/value heads than query heads)."""
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
-    )
+    return organism_config(tokenizer, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,
+                           heads=args.heads, kv_heads=args.kv_heads, max_positions=1024)
 
 
 class BatchMaker:

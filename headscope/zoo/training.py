@@ -177,3 +177,26 @@ def train_loop(
     model.eval()
     return {"final_loss": float(np.mean(losses[-20:])), "wall_s": time.time() - start, "losses": losses}
 
+
+def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                    max_positions: int):
+    """The organisms' architecture: a tiny LlamaConfig with GQA (kv_heads < heads) and tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+
