@@ -18,3 +18,24 @@ def dataset_path(name: str) -> Path:
         if path.exists():
             return path
     raise FileNotFoundError(f"shipped dataset {name!r} not found (is headscope installed with its datasets/?)")
+
+
+def read_jsonl(path, what: str, hint: str):
+    """Yield ``(line number, parsed value)`` for each non-empty line of a JSONL file.
+
+    ``what`` names the file in errors ("needles file"); ``hint`` says what a line should look like.
+    """
+    import json
+
+    from headscope.errors import HeadscopeError
+
+    path = Path(path)
+    if not path.exists():
+        raise HeadscopeError(f"{what} {path} does not exist")
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HeadscopeError(f"{path}:{lineno} is not valid JSON ({exc.msg}); {hint}") from None

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
@@ -45,18 +46,9 @@ class EncodedPairs:
 
 def load_pairs(path: str | Path) -> list[CircuitPair]:
     """Read a JSONL file, one ``{"clean", "corrupt", "answer", "wrong"}`` object per line."""
-    path = Path(path)
-    if not path.exists():
-        raise HeadscopeError(f"pairs file {path} does not exist")
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HeadscopeError(f"{path}:{lineno} is not valid JSON ({exc.msg}); each line must be an object "
-                                 'like {"clean": "...", "corrupt": "...", "answer": " A", "wrong": " B"}') from None
+    hint = 'each line must be an object like {"clean": "...", "corrupt": "...", "answer": " A", "wrong": " B"}'
+    for lineno, row in read_jsonl(path, "pairs file", hint):
         missing = [k for k in FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), str) or not row[k]]
         if missing:
             raise HeadscopeError(f"{path}:{lineno} lacks non-empty string field(s) {missing}; each line needs {FIELDS}")

@@ -9,7 +9,6 @@ so the question always fits (the reference keeps a ~200-token buffer for it inst
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from headscope.data import dataset_path
+from headscope.data import dataset_path, read_jsonl
 from headscope.errors import HeadscopeError
 
 DEFAULT_TEMPLATE = "Based on the content of the book, Question: {question}\nAnswer:"
@@ -48,19 +47,9 @@ class NeedleTrial:
 def load_needles(path: str | Path | None = None) -> list[Needle]:
     """Read needles from JSONL (one ``{"needle", "question", "answer"}`` object per line)."""
     path = Path(path) if path is not None else dataset_path("needles.jsonl")
-    if not path.exists():
-        raise HeadscopeError(f"needles file {path} does not exist")
     needles = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HeadscopeError(
-                f"{path}:{lineno} is not valid JSON ({exc.msg}); each line must be an object "
-                'like {"needle": "...", "question": "...", "answer": "..."}'
-            ) from None
+    hint = 'each line must be an object like {"needle": "...", "question": "...", "answer": "..."}'
+    for lineno, row in read_jsonl(path, "needles file", hint):
         missing = [k for k in ("needle", "question", "answer") if not isinstance(row, dict) or not row.get(k)]
         if missing:
             raise HeadscopeError(

@@ -13,10 +13,10 @@ the model's chat template with ``template="chat"``, or any string with a ``{q}``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
+from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
 
 REFERENCE_TEMPLATE = "## Query: {q}\n## Answer:"
@@ -59,15 +59,7 @@ def load_prompts(path: str | Path, column: str | None = None, limit: int | None 
         queries = frame[_pick_column(list(frame.columns), column, path)].tolist()
     elif suffix in (".jsonl", ".json"):
         queries = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise HeadscopeError(
-                    f"{path}:{lineno} is not valid JSON ({exc.msg}); give one object or string per line"
-                ) from None
+        for lineno, row in read_jsonl(path, "prompt file", "give one object or string per line"):
             if isinstance(row, str):
                 queries.append(row)
             elif isinstance(row, dict):
