@@ -94,6 +94,14 @@ def _patch_rows(sources: dict[int, torch.Tensor], row_heads: torch.Tensor, posit
 
 
 @torch.no_grad()
+def _one_head_per_block(chunk: Sequence[Head], rows_per_head: int, g) -> torch.Tensor:
+    """[len(chunk) * rows_per_head, layers, heads] mask: block k of rows marks chunk[k]."""
+    mask = torch.zeros(len(chunk) * rows_per_head, g.n_layers, g.n_heads, dtype=torch.bool)
+    for k, (layer, head) in enumerate(chunk):
+        mask[k * rows_per_head : (k + 1) * rows_per_head, layer, head] = True
+    return mask
+
+
 def activation_patching(hm: HeadModel, groups: Sequence[EncodedPairs], heads: Iterable[Head] | None = None,
                         heads_per_batch: int = 8, progress: bool = True) -> HeadScores:
     """Per-head activation patching (corrupt z into the clean run, all positions); batched over heads."""
@@ -113,9 +121,7 @@ def activation_patching(hm: HeadModel, groups: Sequence[EncodedPairs], heads: It
         P = len(grp)
         for chunk in chunks:
             G = len(chunk)
-            row_heads = torch.zeros(G * P, g.n_layers, g.n_heads, dtype=torch.bool)
-            for k, (layer, head) in enumerate(chunk):
-                row_heads[k * P : (k + 1) * P, layer, head] = True
+            row_heads = _one_head_per_block(chunk, P, g)
             sources = {layer: z.repeat(G, 1, 1, 1) for layer, z in z_corrupt.items()}
             with hm.edit_z(_patch_rows(sources, row_heads)):
                 patched, _ = _run(hm, grp.clean.repeat(G, 1), grp.answer.repeat(G), grp.wrong.repeat(G))
@@ -196,9 +202,7 @@ def path_patching(hm: HeadModel, groups: Sequence[EncodedPairs], receivers: Iter
         P = len(grp)
         for chunk in chunks:
             G = len(chunk)
-            sender_rows = torch.zeros(G * P, g.n_layers, g.n_heads, dtype=torch.bool)
-            for k, (layer, head) in enumerate(chunk):
-                sender_rows[k * P : (k + 1) * P, layer, head] = True
+            sender_rows = _one_head_per_block(chunk, P, g)
 
             def freeze(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
                 frozen = z_clean[layer].to(device=z.device, dtype=z.dtype).repeat(G, 1, 1, 1)

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks.context_conflict import CLOSED_BOOK, QUESTION, STATEMENT, ContextConflictTask, make_world
-from headscope.zoo.training import organism_config, build_word_tokenizer, seed_everything, train_loop
+from headscope.zoo.training import organism_config, save_organism, build_word_tokenizer, seed_everything, train_loop
 
 
 def build_tokenizer(world):
@@ -100,17 +100,8 @@ def evaluate(model, task: ContextConflictTask, n: int = 192) -> dict:
 
 
 def save(model, tokenizer, out: Path, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=4,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
+    """Weights, tokenizer, generation config and organism.json into ``out``."""
+    save_organism(model, tokenizer, out, meta, max_new_tokens=4)
 
 
 def main(argv=None) -> None:

@@ -16,18 +16,18 @@ two or three layer-0 heads that mark each digit's place in the number. ``--head-
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from headscope.tasks.needle import DEFAULT_TEMPLATE, Needle, NeedleTask, is_correct, load_haystack, load_needles
 from headscope.zoo.training import (
     organism_config,
+    save_organism,
     add_head_dropout,
     build_word_tokenizer,
     head_output_norms,
@@ -134,19 +134,7 @@ def evaluate(model, tokenizer, lengths=EVAL_LENGTHS, depths=EVAL_DEPTHS, needles
 
 def save(model, tokenizer, out: Path, meta: dict) -> None:
     """Weights, tokenizer, generation config and organism.json into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=8,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (out / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_organism(model, tokenizer, out, meta, max_new_tokens=8)
 
 
 def main(argv=None) -> None:

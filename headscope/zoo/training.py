@@ -200,3 +200,29 @@ def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, h
         attn_implementation="sdpa",
     )
 
+
+def save_organism(model, tokenizer, out, meta: dict, max_new_tokens: int) -> None:
+    """Weights, tokenizer (with special_tokens_map.json, which transformers 5 no longer writes),
+    a greedy generation config and ``organism.json`` into ``out``."""
+    import json
+    from pathlib import Path
+
+    from transformers import GenerationConfig
+
+    from headscope.scores import _write_whole
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    _write_whole(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    _write_whole(out / "organism.json", json.dumps(meta, indent=2) + "\n")
+
