@@ -2,7 +2,9 @@
 
 ``forward``: grid (query block, batch*head); each program loops over key blocks
 with an online softmax and keeps extra per-row accumulators for the statistics
-(group mass, top-1, entropy, match mass) and the fused edits. ``received``: grid (key block,
+(top-1, entropy, match mass) and the fused edits; masks are applied only on tiles
+that need them. Group mass is a short second loop, after the main one, over just
+the key tiles that hold grouped keys, with the final lse. ``received``: grid (key block,
 batch*head); each program loops over query blocks and reuses lse, like
 FlashAttention's dK/dV loop. GQA by index: query head h reads KV head h // G.
 
@@ -25,12 +27,27 @@ NEG = tl.constexpr(-1e30)  # finite floor for running maxima (see reference.py)
 
 
 @triton.jit
+def _mask(s, offs_n, n_ok, row_ok, pos, window, kpm_row, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+          HAS_PAD: tl.constexpr):
+    """Scores with -inf where a key is not allowed (past the end, causal, window, padding)."""
+    ok = n_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= pos[:, None])
+    if HAS_WINDOW:
+        ok = ok & ((pos[:, None] - offs_n[None, :]) < window)
+    if HAS_PAD:
+        kp = tl.load(kpm_row + offs_n, mask=n_ok, other=0)
+        ok = ok & (kp[None, :] != 0)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, QSCALE, KPM, GID, HSCALE, RWP, KMID, QMID,
+    Q, K, V, QSCALE, KPM, GID, GTILES, HSCALE, RWP, KMID, QMID,
     OUT, LSE, GMASS, TOPI, TOPW, ENT, MMASS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     skpm, sgid, skmc, skmb, sqmc, sqmb,
-    H, G, Nq, Nk, D, q_offset, window, num_groups, group_a, group_b,
+    H, G, Nq, Nk, D, q_offset, window, num_groups, n_group_tiles, group_a, group_b,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PAD: tl.constexpr,
     WANT_OUT: tl.constexpr, WANT_LSE: tl.constexpr, WANT_GROUPS: tl.constexpr,
     WANT_TOP1: tl.constexpr, WANT_ENT: tl.constexpr, WANT_MATCH: tl.constexpr, REWEIGHT: tl.constexpr,
@@ -85,27 +102,26 @@ def _fwd_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qscale
-        ok = n_ok[None, :] & row_ok[:, None]
+        # Masks cost ALU time on every element: only tiles that cross the causal diagonal, the end
+        # of the keys or the end of the queries need them (padding and windows: every tile).
+        edge = (start_n + BLOCK_N > hi) | ((pid_m + 1) * BLOCK_M > Nq)
         if CAUSAL:
-            ok = ok & (offs_n[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            ok = ok & ((pos[:, None] - offs_n[None, :]) < window)
-        if HAS_PAD:
-            kp = tl.load(KPM + b * skpm + offs_n, mask=n_ok, other=0)
-            ok = ok & (kp[None, :] != 0)
-        s = tl.where(ok, s, float("-inf"))
-        bmax = tl.max(s, 1)
-        if WANT_TOP1:
-            barg = tl.argmax(s, 1, tie_break_left=True)
+            edge = edge | (start_n + BLOCK_N - 1 > q_offset + pid_m * BLOCK_M)
+        if edge | HAS_WINDOW | HAS_PAD:
+            s = _mask(s, offs_n, n_ok, row_ok, pos, window, KPM + b * skpm, CAUSAL, HAS_WINDOW, HAS_PAD)
+        if WANT_TOP1:  # one (value, index) reduction instead of a max and an argmax
+            bmax, barg = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
             better = bmax > best
             best = tl.where(better, bmax, best)
             best_i = tl.where(better, barg + start_n, best_i)
+        else:
+            bmax = tl.max(s, 1)
         m_new = tl.maximum(m_i, bmax)
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])  # masked: exp(-inf) = 0
-        if WANT_ENT:
-            t = p * tl.where(ok, s - m_new[:, None], 0.0)
-            ent = alpha * (ent + (m_i - m_new) * l_i) + tl.sum(t, 1)
+        x = s - m_new[:, None]
+        p = tl.exp(x)  # masked: exp(-inf) = 0
+        if WANT_ENT:  # masked: p * max(-inf, NEG) = 0 * NEG = 0, not NaN
+            ent = alpha * (ent + (m_i - m_new) * l_i) + tl.sum(p * tl.maximum(x, NEG), 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         if WANT_OUT:
@@ -114,11 +130,8 @@ def _fwd_kernel(
             if UPCAST:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        if WANT_GROUPS or REWEIGHT:
+        if REWEIGHT:
             gid = tl.load(GID + b * sgid + offs_n, mask=n_ok, other=-1)
-        if WANT_GROUPS:
-            onehot = (gid[:, None] == tl.arange(0, BLOCK_G)[None, :]).to(tl.float32)
-            gm = gm * alpha[:, None] + tl.dot(p, onehot, input_precision="ieee")
         if WANT_MATCH:
             # key ids < 0 are -1 and query ids < 0 are -2 (dispatcher), so == is the whole test
             mm = mm * alpha[:, None]
@@ -138,6 +151,24 @@ def _fwd_kernel(
     # Rows that saw no allowed key have l == 0: out 0, lse -inf, stats 0, top1 -1.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
+    if WANT_GROUPS:
+        # Group mass in its own loop over only the key tiles that hold grouped keys (GTILES), with the
+        # final lse: exact fp32 dots in the main loop would cost more than the attention itself.
+        lse_row = tl.where(seen, m_i + tl.log(l_safe), float("inf"))  # +inf: p = 0 on empty rows
+        for t in range(0, n_group_tiles):
+            start_n = tl.load(GTILES + t) * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qscale
+            s = _mask(s, offs_n, n_ok, row_ok, pos, window, KPM + b * skpm, CAUSAL, HAS_WINDOW, HAS_PAD)
+            p = tl.exp(s - lse_row[:, None])
+            gid = tl.load(GID + b * sgid + offs_n, mask=n_ok, other=-1)
+            onehot = (gid[:, None] == tl.arange(0, BLOCK_G)[None, :]).to(tl.float32)
+            gm += tl.dot(p, onehot, input_precision="ieee")
     row = (b * H + h) * Nq + offs_m  # flat row index of the [B, H, Nq] statistics
     if WANT_OUT:
         o = acc
@@ -156,7 +187,7 @@ def _fwd_kernel(
         tl.store(LSE + row, tl.where(seen, m_i + tl.log(l_safe), float("-inf")), mask=row_ok)
     if WANT_GROUPS:
         offs_g = tl.arange(0, BLOCK_G)
-        tl.store(GMASS + row[:, None] * num_groups + offs_g[None, :], gm / l_safe[:, None],
+        tl.store(GMASS + row[:, None] * num_groups + offs_g[None, :], gm,
                  mask=row_ok[:, None] & (offs_g < num_groups)[None, :])
     if WANT_MATCH:
         tl.store(MMASS + row[:, None] * NUM_C + offs_c[None, :], mm / l_safe[:, None],
@@ -239,6 +270,22 @@ def _blocks(block_q, block_k, d, dtype):
     return bm, bn, bd
 
 
+def _group_tiles(gid, nk, block_n):
+    """int32 indices of the key tiles (of ``block_n`` keys) that hold a key of some group, any batch row."""
+    n_tiles = triton.cdiv(nk, block_n)
+    grouped = torch.zeros(n_tiles * block_n, dtype=torch.bool, device=gid.device)
+    grouped[:nk] = (gid >= 0).any(0)
+    return grouped.view(n_tiles, block_n).any(1).nonzero().flatten().to(torch.int32)
+
+
+def _launch(bm, bn, num_warps=None, num_stages=None):
+    """Triton launch options: 8 warps for tiles of 128x64 and up, else 4; Triton's default stages."""
+    opts = {"num_warps": num_warps or (8 if bm * bn >= 128 * 64 else 4)}
+    if num_stages:
+        opts["num_stages"] = num_stages
+    return opts
+
+
 def _prec(dtype):
     """(input_precision, upcast) for tl.dot on this input dtype.
 
@@ -252,8 +299,9 @@ def _prec(dtype):
 def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, sliding_window,
             group_ids, num_groups, match_ids=None, want_out=True, want_lse=False, want_groups=False,
             want_top1=False, want_entropy=False, want_match=False, reweight=None, head_scale=None,
-            block_q=None, block_k=None):
-    """Same contract as reference.forward (inputs validated by the dispatcher)."""
+            block_q=None, block_k=None, num_warps=None, num_stages=None):
+    """Same contract as reference.forward (inputs validated by the dispatcher); ``num_warps`` and
+    ``num_stages`` are Triton launch knobs (default: :func:`_launch`)."""
     if attn_mask is not None:
         raise ValueError("the Triton kernel does not support a general attn_mask; use backend='torch'")
     B, H, Nq, d = q.shape
@@ -273,25 +321,30 @@ def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, s
     mmass = torch.empty(B, H, Nq, nc, dtype=f32, device=dev) if want_match else dummy
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
     gid = group_ids.to(torch.int32).contiguous() if group_ids is not None else None
+    gtiles = _group_tiles(gid, Nk, BN) if want_groups else None
+    n_gtiles = 0 if gtiles is None else gtiles.numel()
+    if n_gtiles == 0:  # an int32 placeholder (the kernel reads none of it): loads from it must stay integer
+        gtiles = torch.zeros(1, dtype=torch.int32, device=dev)
     ga, gb, rwp = reweight if reweight is not None else (0, 0, None)
     so = out.stride() if want_out else (0, 0, 0, 0)
     prec, upcast = _prec(q.dtype)
     grid = (triton.cdiv(Nq, BM), B * H)
     _fwd_kernel[grid](
-        q, k, v, qscale, kpm if kpm is not None else dummy, gid if gid is not None else dummy,
+        q, k, v, qscale, kpm if kpm is not None else dummy, gid if gid is not None else dummy, gtiles,
         head_scale if head_scale is not None else dummy, rwp if rwp is not None else dummy,
         kmid, qmid, out, lse, gm, topi, topw, ent, mmass,
         *q.stride(), *k.stride(), *v.stride(), *so,
         kpm.stride(0) if kpm is not None and kpm.shape[0] > 1 else 0,
         gid.stride(0) if gid is not None and gid.shape[0] > 1 else 0,
         *(kmid.stride()[:2] if want_match else (0, 0)), *(qmid.stride()[:2] if want_match else (0, 0)),
-        H, H // Hkv, Nq, Nk, d, q_offset, sliding_window or 0, num_groups, ga, gb,
+        H, H // Hkv, Nq, Nk, d, q_offset, sliding_window or 0, num_groups,
+        n_gtiles, ga, gb,
         CAUSAL=causal, HAS_WINDOW=sliding_window is not None, HAS_PAD=kpm is not None,
         WANT_OUT=want_out, WANT_LSE=want_lse, WANT_GROUPS=want_groups, WANT_TOP1=want_top1,
         WANT_ENT=want_entropy, WANT_MATCH=want_match, REWEIGHT=want_out and reweight is not None,
         HEAD_SCALE=want_out and head_scale is not None,
         PREC=prec, UPCAST=upcast, NUM_C=nc, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_G=BG,
-        BLOCK_C=triton.next_power_of_2(nc),
+        BLOCK_C=triton.next_power_of_2(nc), **_launch(BM, BN, num_warps, num_stages),
     )
     res = {}
     if want_out:
@@ -310,7 +363,7 @@ def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, s
 
 
 def received(q, k, lse, *, qscale, causal, q_offset, key_padding_mask, attn_mask, sliding_window,
-             query_range, block_q=None, block_k=None):
+             query_range, block_q=None, block_k=None, num_warps=None, num_stages=None):
     """Same contract as reference.received."""
     if attn_mask is not None:
         raise ValueError("the Triton kernel does not support a general attn_mask; use backend='torch'")
@@ -328,6 +381,6 @@ def received(q, k, lse, *, qscale, causal, q_offset, key_padding_mask, attn_mask
         *q.stride(), *k.stride(), kpm.stride(0) if kpm is not None else 0,
         H, H // Hkv, Nq, Nk, d, q_offset, sliding_window or 0, query_range[0], query_range[1],
         CAUSAL=causal, HAS_WINDOW=sliding_window is not None, HAS_PAD=kpm is not None,
-        PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        PREC=prec, UPCAST=upcast, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, **_launch(BM, BN, num_warps, num_stages),
     )
     return rec

@@ -196,7 +196,7 @@ def _compile_for_sm90(kernel, dtype, flags, blocks):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptr = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", OUT=f"*{dtype}", KPM="*i8", GID="*i32",
+    ptr = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", OUT=f"*{dtype}", KPM="*i8", GID="*i32", GTILES="*i32",
                TOPI="*i64", KMID="*i64", QMID="*i64")
     consts = dict(flags, PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False, **blocks)
     fp32_ptrs = {"QSCALE", "HSCALE", "RWP", "LSE", "GMASS", "TOPW", "ENT", "REC", "MMASS"}
