@@ -27,6 +27,15 @@ NEG = tl.constexpr(-1e30)  # finite floor for running maxima (see reference.py)
 
 
 @triton.jit
+def _key_scores(q, k_head, offs_n, n_ok, offs_d, d_ok, skn, skd, qscale, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scaled scores q @ k^T of the query tile against the key tile at ``offs_n``."""
+    k = tl.load(k_head + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    return tl.dot(q, tl.trans(k), input_precision=PREC) * qscale
+
+
+@triton.jit
 def _mask(s, offs_n, n_ok, row_ok, pos, window, kpm_row, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
           HAS_PAD: tl.constexpr):
     """Scores with -inf where a key is not allowed (past the end, causal, window, padding)."""
@@ -97,11 +106,7 @@ def _fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < hi
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qscale
+        s = _key_scores(q, K + b * skb + hk * skh, offs_n, n_ok, offs_d, d_ok, skn, skd, qscale, PREC, UPCAST)
         # Masks cost ALU time on every element: only tiles that cross the causal diagonal, the end
         # of the keys or the end of the queries need them (padding and windows: every tile).
         edge = (start_n + BLOCK_N > hi) | ((pid_m + 1) * BLOCK_M > Nq)
@@ -159,11 +164,7 @@ def _fwd_kernel(
             start_n = tl.load(GTILES + t) * BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
-            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qscale
+            s = _key_scores(q, K + b * skb + hk * skh, offs_n, n_ok, offs_d, d_ok, skn, skd, qscale, PREC, UPCAST)
             s = _mask(s, offs_n, n_ok, row_ok, pos, window, KPM + b * skpm, CAUSAL, HAS_WINDOW, HAS_PAD)
             p = tl.exp(s - lse_row[:, None])
             gid = tl.load(GID + b * sgid + offs_n, mask=n_ok, other=-1)
