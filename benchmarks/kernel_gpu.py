@@ -5,7 +5,8 @@ through a random-init Llama-3-8B-shaped model.
 
 Kernel: Llama-3-8B attention shape (32 heads, 8 kv heads, d 128), bf16, causal, batch 1.
   sdpa_flash   F.scaled_dot_product_attention restricted to the flash backend, K/V repeated to
-               32 heads outside the timing (the floor);
+               32 heads outside the timing (the floor the target refers to);
+  sdpa_cudnn   the same restricted to cuDNN's attention (what torch's default picks on Hopper);
   ours_out     headscope_kernels.attention_with_stats, output only (Triton);
   ours_stats   output + lse + top-1 + entropy + group mass (one 16-token key group);
   received     the second pass: attention received per key over all query rows.
@@ -116,9 +117,14 @@ def kernel_row(n: int, repeats: int, blocks) -> dict:
     scale = d ** -0.5
     k_rep, v_rep = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
     flops = 2 * 2 * H * n * n * d / 2
+    sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale)  # noqa: E731
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION]):
-        t_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale),
-                           repeats)
+        t_sdpa = cuda_time(sdpa, repeats)
+    try:  # cuDNN's attention, which torch picks by default on Hopper when it can
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
+            t_cudnn = round(cuda_time(sdpa, repeats), 5)
+    except RuntimeError as exc:
+        t_cudnn = f"unavailable: {str(exc)[:80]}"
     kw = dict(causal=True, backend="triton", block_q=blocks[0], block_k=blocks[1])
     t_out = cuda_time(lambda: attention_with_stats(q, k, v, scale, outputs=("out",), **kw), repeats)
     torch.cuda.reset_peak_memory_stats()
@@ -129,7 +135,7 @@ def kernel_row(n: int, repeats: int, blocks) -> dict:
     lse = attention_with_stats(q, k, v, scale, outputs=("lse",), **kw).lse
     t_rec = cuda_time(lambda: attention_received(q, k, scale, lse, causal=True, backend="triton"), repeats)
     return dict(N=n, H=H, Hkv=k.shape[1], d=d, dtype="bfloat16",
-                sdpa_flash_s=round(t_sdpa, 5), ours_out_s=round(t_out, 5), ours_stats_s=round(t_stats, 5),
+                sdpa_flash_s=round(t_sdpa, 5), sdpa_cudnn_s=t_cudnn, ours_out_s=round(t_out, 5), ours_stats_s=round(t_stats, 5),
                 received_s=round(t_rec, 5),
                 sdpa_flash_tflops=round(flops / t_sdpa / 1e12, 1), ours_stats_tflops=round(flops / t_stats / 1e12, 1),
                 stats_throughput_vs_flash=round(t_sdpa / t_stats, 3), out_throughput_vs_flash=round(t_sdpa / t_out, 3),
