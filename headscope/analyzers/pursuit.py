@@ -93,16 +93,22 @@ def head_writes(hm: HeadModel, prompts: Sequence[Sequence[int]], progress: bool 
 
 
 def concept_token_ids(tokenizer, words: Iterable[str], with_space: bool = True) -> list[int]:
-    """Token ids of every piece of every concept word, as written and after a space (BPE variants)."""
+    """Token ids of every piece of every concept word, as written and after a space (BPE variants).
+
+    Special tokens are left out: a word-level tokenizer maps an unknown word to ``<unk>``, which
+    is no piece of the concept."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
     ids: set[int] = set()
+    words = [w.strip() for w in words if w.strip()]
+    if not words:
+        raise HeadscopeError("the concept has no words; give one word per line")
     for word in words:
-        word = word.strip()
-        if not word:
-            continue
         for text in ([word, " " + word] if with_space else [word]):
             ids.update(int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids -= special
     if not ids:
-        raise HeadscopeError("the concept has no words; give one word per line")
+        raise HeadscopeError(f"none of the concept's words ({', '.join(words[:5])}...) is in the tokenizer's "
+                             "vocabulary (they all map to special tokens such as <unk>)")
     return sorted(ids)
 
 
@@ -152,13 +158,21 @@ def scale_heads(heads: Iterable[Head], alpha: float, n_layers: int, n_heads: int
 
 
 @torch.no_grad()
-def concept_probability(hm: HeadModel, prompts: Sequence[Sequence[int]], concept_ids: Sequence[int]) -> float:
-    """Mean over prompts of the next-token probability mass on the concept tokens (last position)."""
+def concept_probability(hm: HeadModel, prompts: Sequence[Sequence[int]], concept_ids: Sequence[int],
+                        batch_size: int = 32) -> float:
+    """Mean over prompts of the next-token probability mass on the concept tokens (last position).
+
+    Prompts run ``batch_size`` at a time, right-padded: under the causal mask a prompt's own tokens
+    never see the padding, so each prompt's last-position logits are those of running it alone."""
     ids = torch.tensor(list(concept_ids), device=hm.device)
+    prompts = [list(p) for p in prompts]
     total = 0.0
-    for p in prompts:
-        logits = hm.model(input_ids=torch.tensor([list(p)], device=hm.device)).logits[0, -1].float()
-        total += float(logits.softmax(-1)[ids].sum())
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        lengths = torch.tensor([len(p) for p in chunk], device=hm.device)
+        batch = torch.tensor([p + [p[-1]] * (int(lengths.max()) - len(p)) for p in chunk], device=hm.device)
+        logits = hm.model(input_ids=batch).logits[torch.arange(len(chunk), device=hm.device), lengths - 1].float()
+        total += float(logits.softmax(-1)[:, ids].sum())
     return total / len(prompts)
 
 

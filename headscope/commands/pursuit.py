@@ -15,7 +15,8 @@ DEFAULT_MODEL = "retrieval"
 
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--concept", required=True, help="text file: the concept's words, one per line")
-    parser.add_argument("--text", help="prompts, one per line (default: sentences of the shipped haystack text)")
+    parser.add_argument("--text", help="prompts, one per line (default: the organism's shipped prompts, else "
+                        "sentences of the shipped haystack text)")
     parser.add_argument("--k", type=int, default=50, help="SOMP atoms (capped at the dictionary size)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the atoms (authors' code: off)")
     parser.add_argument("--edit-alpha", type=float, default=None,
@@ -33,10 +34,13 @@ def score(args, hm):
         raise HeadscopeError(f"concept file {path} does not exist; give one word per line")
     words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()]
     concept = pursuit.concept_token_ids(hm.tokenizer, words)
-    if args.text:
+    from headscope import zoo
+
+    shipped = zoo.organism_info(args.model).get("prompts")
+    if args.text or shipped:
         from headscope.commands.sinks import read_texts
 
-        texts = read_texts(args.text)
+        texts = read_texts(args.text or zoo.organism_path(args.model) / shipped)
     else:
         from headscope.tasks.needle import load_haystack
 

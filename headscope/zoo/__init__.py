@@ -17,6 +17,8 @@ ORGANISMS: dict[str, str] = {
     "them, NQ-Swap style (python -m headscope.zoo.train_context_conflict)",
     "multitask": "Tiny Llama (GQA) trained on induction, in-context key-value lookup and a fixed token map "
     "(python -m headscope.zoo.train_multitask)",
+    "topics": "Tiny Llama over filler words where trigger words make later words colours, animals or numbers; "
+    "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
 }
 
 DEFAULT_MODEL = "retrieval"
