@@ -109,6 +109,50 @@ def test_attribution_patching_equals_hand_gradient():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_eap_ig_equals_hand_integrated_gradient():
+    """EAP-IG (Hanna et al. 2024) by hand: plain hooks make every layer's z a leaf, the gradient of
+    the mean metric is averaged over inputs_embeds = corrupt + k/3 (clean - corrupt), k = 1..3, and
+    multiplied by z_corrupt - z_clean. steps=1 is plain attribution patching, bit for bit."""
+    model = tiny_model("llama")
+    hm = HeadModel(model)
+    pairs = random_pairs(4)
+    plain = circuits.attribution_patching(hm, [pairs])
+    assert torch.equal(circuits.attribution_patching(hm, [pairs], steps=1).scores, plain.scores)
+    ig = circuits.attribution_patching(hm, [pairs], steps=3)
+    assert ig.params["steps"] == 3
+    clean, corrupt = circuits.baseline(hm, [pairs])
+    zc, z_clean = z_of(model, pairs.corrupt, 2), z_of(model, pairs.clean, 2)
+    embed = model.get_input_embeddings()
+    e_clean, e_corrupt = embed(pairs.clean).detach(), embed(pairs.corrupt).detach()
+    grads = {0: 0.0, 1: 0.0}
+    for k in (1, 2, 3):
+        leaves = {}
+
+        def make(l):
+            def hook(m, args):
+                leaves[l] = args[0].detach().clone().requires_grad_(True)
+                return (leaves[l],)
+            return hook
+        # a leaf z in every layer cuts the graph between layers: differentiate layer by layer instead
+        for layer in range(2):
+            handle = head_slice(model, layer).register_forward_pre_hook(make(layer))
+            try:
+                x = e_corrupt + k / 3 * (e_clean - e_corrupt)
+                metric = circuits.logit_diff(model(inputs_embeds=x).logits, pairs.answer, pairs.wrong).mean()
+                grads[layer] = grads[layer] + torch.autograd.grad(metric, leaves[layer])[0]
+            finally:
+                handle.remove()
+    d = hm.geometry.head_dim
+    for layer in range(2):
+        prod = (grads[layer] / 3 * (zc[layer] - z_clean[layer])).view(*zc[layer].shape[:2], 4, d)
+        expected = -prod.sum(dim=(0, 1, 3)) / (clean - corrupt)
+        torch.testing.assert_close(ig.scores[layer], expected.float(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ig.scores, plain.scores)  # the interpolation changes the estimate
+    with pytest.raises(HeadscopeError, match="steps"):
+        circuits.attribution_patching(hm, [pairs], steps=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_path_patching_last_layer_sender_is_direct_effect():
     """A last-layer head reaches the logits only directly: path score = -100 x activation score
     of patching it at the last position."""
@@ -229,6 +273,9 @@ def test_cli_circuit_and_overlap(tmp_path, capsys):
         assert main(["score", "--task", "circuit", "--model", path, "--pairs", str(tmp_path / "ioi.jsonl"),
                      "--method", method, "--out", str(out), "--quiet"]) == 0
         assert circuits.HeadScores.from_csv(out).method == f"{method}_patching"
+    assert main(["score", "--task", "circuit", "--model", path, "--pairs", str(tmp_path / "ioi.jsonl"),
+                 "--method", "attribution", "--ig-steps", "3", "--out", str(tmp_path / "ig.csv"), "--quiet"]) == 0
+    assert circuits.HeadScores.from_csv(tmp_path / "ig.csv").params["steps"] == 3
     assert main(["overlap", str(tmp_path / "activation.csv"), str(tmp_path / "attribution.csv"), "--top", "3",
                  "--plot", str(tmp_path / "o.html")]) == 0
     text = capsys.readouterr().out
@@ -259,8 +306,12 @@ def multitask():
     return HeadModel.load("multitask")
 
 
+IG_STEPS = 16  # EAP-IG interpolation steps for the organism checks
+
+
 @pytest.fixture(scope="module")
 def multitask_patching(multitask):
+    """Per task: activation patching, plain attribution patching and EAP-IG (``IG_STEPS``)."""
     from headscope.zoo import train_multitask as tm
 
     period = organism_period()
@@ -268,16 +319,37 @@ def multitask_patching(multitask):
     for task in tm.TASKS:
         groups = encode_pairs(multitask.tokenizer, tm.task_pairs(task, 32, seed=7, period=period))
         out[task] = (circuits.activation_patching(multitask, groups, progress=False),
-                     circuits.attribution_patching(multitask, groups))
+                     circuits.attribution_patching(multitask, groups),
+                     circuits.attribution_patching(multitask, groups, steps=IG_STEPS))
     return out
 
 
-def test_organism_shared_mechanism_has_more_circuit_overlap(multitask_patching):
+def _circuits(multitask_patching, size):
+    """Each task's activation-patching circuit: top-k heads, or heads with >= 10% of the largest |effect|."""
+    out = {}
+    for task, (act, *_) in multitask_patching.items():
+        if size == "10%":
+            out[task] = circuits.circuit(act, threshold=0.1 * float(act.scores.abs().max()) - 1e-9)
+        else:
+            out[task] = circuits.circuit(act, top_k=size)
+    return out
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard induction/kv 0.33 < induction/map "
+                                            "1.0 (top 2: induction {(0,2),(0,3)}, kv {(0,1),(0,2)}, map {(0,2),(0,3)})")),
+    3,
+    pytest.param(4, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard 0.60 for all three pairs "
+                                            "(each circuit = layer-0 heads 1-3 plus one different head)")),
+    pytest.param("10%", marks=pytest.mark.xfail(strict=True, reason="measured Jaccard induction/kv 0.30 < "
+                                                "induction/map 0.67 (kv's effects are spread: 10 heads >= 10%)")),
+])
+def test_organism_shared_mechanism_has_more_circuit_overlap(multitask_patching, size):
     """induction and kv lookup share a mechanism (find the earlier copy, copy what follows); the
-    token map does not: their circuits (top 3 of 12 heads by activation patching) overlap more.
-    Measured: Jaccard induction/kv 1.0, induction/map 0.5, kv/map 0.5 (with top 2 it does NOT
-    hold: 0.33 vs 1.0 and 0.33 -- see the report)."""
-    c = {task: circuits.circuit(act, top_k=3) for task, (act, _) in multitask_patching.items()}
+    token map does not: their activation-patching circuits should overlap more. Measured on the
+    shipped organism (fixed period 12, layer-0 positional shortcut, kv 14% accurate): it holds for
+    the top 3 of 12 heads only (Jaccard induction/kv 1.0, induction/map 0.5, kv/map 0.5)."""
+    c = _circuits(multitask_patching, size)
     shared = circuits.overlap(c["induction"], c["kv"])["jaccard"]
     assert shared > circuits.overlap(c["induction"], c["map"])["jaccard"]
     assert shared > circuits.overlap(c["kv"], c["map"])["jaccard"]
@@ -288,11 +360,23 @@ def test_organism_shared_mechanism_has_more_circuit_overlap(multitask_patching):
                                                       "logit gap is 24 nats, far outside the first-order regime")),
     "kv", "map"])
 def test_organism_attribution_agrees_with_activation_patching(multitask_patching, task):
-    """Measured Spearman over the 12 heads: kv 0.81, map 0.87 (induction 0.57)."""
+    """Plain attribution patching (one backward pass). Measured Spearman over the 12 heads: kv 0.81,
+    map 0.87 (induction 0.57)."""
     from scipy.stats import spearmanr
 
-    act, att = multitask_patching[task]
+    act, att, _ = multitask_patching[task]
     rho = spearmanr(act.scores.flatten().numpy(), att.scores.flatten().numpy()).statistic
+    assert rho >= 0.8
+
+
+@pytest.mark.parametrize("task", ["induction", "kv", "map"])
+def test_organism_eap_ig_agrees_with_activation_patching(multitask_patching, task):
+    """EAP-IG (Hanna et al. 2024) with 16 steps stays faithful where the gap is large. Measured
+    Spearman over the 12 heads: induction 0.92, kv 0.97, map 0.84 (steps 4: 0.86, 0.99, 0.84)."""
+    from scipy.stats import spearmanr
+
+    act, _, ig = multitask_patching[task]
+    rho = spearmanr(act.scores.flatten().numpy(), ig.scores.flatten().numpy()).statistic
     assert rho >= 0.8
 
 

@@ -10,6 +10,9 @@ With ``clean`` / ``corrupt`` the metric of the unpatched runs:
   alone causes. Heads are batched: G heads x P pairs in one forward, a per-row head mask.
 - attribution patching (EAP-style, first order): one clean forward and backward;
   patched - clean ~ sum over positions of grad_z(metric) . (z_corrupt - z_clean); same score.
+  With ``steps`` = m > 1 it is EAP-IG (Hanna et al. 2024, "Have Faith in Faithfulness"): the
+  gradient is averaged over m runs whose input embeddings interpolate from corrupt to clean
+  (alpha = k/m, k = 1..m), which stays faithful when the clean/corrupt gap is far from first order.
 - path patching (METHODS.md): sender's z at the last position from the corrupt run, every other
   head frozen to its clean z; direct to the logits by default, or through ``receivers`` (their z is
   recorded in that run, then patched alone into a clean run). Score = sign * (patched - clean) /
@@ -138,38 +141,56 @@ def activation_patching(hm: HeadModel, groups: Sequence[EncodedPairs], heads: It
 
 
 # ----------------------------------------------------------------------------------- attribution patching
-def attribution_patching(hm: HeadModel, groups: Sequence[EncodedPairs]) -> HeadScores:
-    """First-order estimate of activation patching from one backward pass per group (EAP style)."""
+def attribution_patching(hm: HeadModel, groups: Sequence[EncodedPairs], steps: int = 1) -> HeadScores:
+    """First-order estimate of activation patching from one backward pass per group (EAP style).
+
+    ``steps`` > 1: EAP-IG (Hanna et al. 2024): average grad_z(metric) over ``steps`` forward and
+    backward passes at input embeddings lerp(corrupt, clean, k / steps), k = 1..steps, then take
+    its product with (z_corrupt - z_clean). ``steps=1`` is the clean run alone: plain EAP.
+    """
+    if steps < 1:
+        raise HeadscopeError(f"steps must be at least 1; got {steps}")
     groups = _check(groups)
     g = hm.geometry
     totals = torch.zeros(g.n_layers, g.n_heads, dtype=torch.float64)
     clean_sum = corrupt_sum = 0.0
     n = sum(len(x) for x in groups)
+    embed = hm.model.get_input_embeddings()
     for grp in groups:
         corrupt, z_corrupt = _run(hm, grp.corrupt, grp.answer, grp.wrong, capture=True)
-        kept: dict[int, torch.Tensor] = {}
+        answer, wrong = grp.answer.to(hm.device), grp.wrong.to(hm.device)
+        if steps > 1:
+            with torch.no_grad():
+                e_clean, e_corrupt = embed(grp.clean.to(hm.device)), embed(grp.corrupt.to(hm.device))
+        grad_sum: dict[int, torch.Tensor] = {}
+        for k in range(1, steps + 1):  # the last step (alpha = 1) is the clean run
+            kept: dict[int, torch.Tensor] = {}
 
-        def keep(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
-            z = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
-            kept[layer] = z
-            return z
+            def keep(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
+                z = z.clone() if z.requires_grad else z.detach().requires_grad_(True)
+                kept[layer] = z
+                return z
 
-        with torch.enable_grad(), hm.edit_z(keep):
-            clean = logit_diff(hm.model(input_ids=grp.clean.to(hm.device)).logits,
-                               grp.answer.to(hm.device), grp.wrong.to(hm.device))
-            layers = sorted(kept)
-            grads = torch.autograd.grad(clean.sum(), [kept[layer] for layer in layers], allow_unused=True)
-        for layer, grad in zip(layers, grads):
-            if grad is None:
-                continue
+            with torch.enable_grad(), hm.edit_z(keep):
+                if steps == 1:
+                    logits = hm.model(input_ids=grp.clean.to(hm.device)).logits
+                else:  # torch.lerp is exact at weight 1: the last step embeds the clean prompt
+                    logits = hm.model(inputs_embeds=torch.lerp(e_corrupt, e_clean, k / steps)).logits
+                clean = logit_diff(logits, answer, wrong)
+                layers = sorted(kept)
+                grads = torch.autograd.grad(clean.sum(), [kept[layer] for layer in layers], allow_unused=True)
+            for layer, grad in zip(layers, grads):
+                if grad is not None:
+                    grad_sum[layer] = grad_sum[layer] + grad if layer in grad_sum else grad
+        for layer, grad in grad_sum.items():
             delta = z_corrupt[layer].to(grad.device, grad.dtype) - kept[layer].detach()
-            totals[layer] += (grad * delta).sum(dim=(0, 1, 3)).double().cpu()  # [H]
+            totals[layer] += (grad / steps * delta).sum(dim=(0, 1, 3)).double().cpu()  # [H]
         clean_sum += float(clean.detach().sum())
         corrupt_sum += float(corrupt.sum())
     clean, corrupt = clean_sum / n, corrupt_sum / n
     scores = -(totals / n).float() / _effect_denominator(clean, corrupt)
     return HeadScores(scores, method="attribution_patching", model=hm.name,
-                      params={"pairs": n, "clean_logit_diff": clean, "corrupt_logit_diff": corrupt})
+                      params={"pairs": n, "clean_logit_diff": clean, "corrupt_logit_diff": corrupt, "steps": steps})
 
 
 # ----------------------------------------------------------------------------------- path patching

@@ -1,6 +1,7 @@
 """``--task circuit``: per-head patching scores from clean/corrupted pairs (Merullo et al. 2023).
 
     headscope score --task circuit --pairs pairs.jsonl [--method activation|attribution|path]
+    headscope score --task circuit --pairs pairs.jsonl --method attribution --ig-steps 8   # EAP-IG
     headscope score --task circuit --generate ioi|colored-objects [--n 64]
 """
 
@@ -28,6 +29,9 @@ def add_arguments(parser, command: str) -> None:
     if command == "score":  # `eval` already has --seed
         parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     parser.add_argument("--method", choices=("activation", "attribution", "path"), default="activation")
+    parser.add_argument("--ig-steps", type=int, default=1,
+                        help="attribution: average the gradient over this many corrupt-to-clean steps "
+                             "(EAP-IG, Hanna et al. 2024); 1 = plain attribution patching")
     parser.add_argument("--receivers", help="path patching receivers, e.g. 9.6,9.9 (default: the logits)")
 
 
@@ -56,6 +60,6 @@ def score(args, hm):
     if args.method == "activation":
         return circuits.activation_patching(hm, groups, heads_per_batch=args.batch_size, progress=not args.quiet)
     if args.method == "attribution":
-        return circuits.attribution_patching(hm, groups)
+        return circuits.attribution_patching(hm, groups, steps=args.ig_steps)
     return circuits.path_patching(hm, groups, receivers=_heads(args.receivers), heads_per_batch=args.batch_size,
                                   progress=not args.quiet)
