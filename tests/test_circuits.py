@@ -288,14 +288,6 @@ def test_cli_circuit_and_overlap(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------- organism checks
-def organism_period():
-    """The induction period the organism was trained on (fixed: one value)."""
-    from headscope import zoo
-
-    low, high = (int(x) for x in zoo.organism_info("multitask")["training"]["hyperparameters"]["periods"].split(","))
-    return low if low == high else None
-
-
 @pytest.fixture(scope="module")
 def multitask():
     from headscope import zoo
@@ -307,6 +299,7 @@ def multitask():
 
 
 IG_STEPS = 16  # EAP-IG interpolation steps for the organism checks
+EFFECT = 0.1  # circuit by threshold: heads whose patching moves >= 10% of the clean-corrupt logit difference
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +307,9 @@ def multitask_patching(multitask):
     """Per task: activation patching, plain attribution patching and EAP-IG (``IG_STEPS``)."""
     from headscope.zoo import train_multitask as tm
 
-    period = organism_period()
     out = {}
     for task in tm.TASKS:
-        groups = encode_pairs(multitask.tokenizer, tm.task_pairs(task, 32, seed=7, period=period))
+        groups = encode_pairs(multitask.tokenizer, tm.task_pairs(task, 32, seed=7))
         out[task] = (circuits.activation_patching(multitask, groups, progress=False),
                      circuits.attribution_patching(multitask, groups),
                      circuits.attribution_patching(multitask, groups, steps=IG_STEPS))
@@ -325,43 +317,36 @@ def multitask_patching(multitask):
 
 
 def _circuits(multitask_patching, size):
-    """Each task's activation-patching circuit: top-k heads, or heads with >= 10% of the largest |effect|."""
-    out = {}
-    for task, (act, *_) in multitask_patching.items():
-        if size == "10%":
-            out[task] = circuits.circuit(act, threshold=0.1 * float(act.scores.abs().max()) - 1e-9)
-        else:
-            out[task] = circuits.circuit(act, top_k=size)
-    return out
+    """Each task's activation-patching circuit: its top-k heads, or (size "effect") every head whose
+    patching moves at least ``EFFECT`` of the task's clean-corrupt logit difference."""
+    if size == "effect":
+        return {task: circuits.circuit(act, threshold=EFFECT) for task, (act, *_) in multitask_patching.items()}
+    return {task: circuits.circuit(act, top_k=size) for task, (act, *_) in multitask_patching.items()}
 
 
 @pytest.mark.parametrize("size", [
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard induction/kv 0.33 < induction/map "
-                                            "1.0 (top 2: induction {(0,2),(0,3)}, kv {(0,1),(0,2)}, map {(0,2),(0,3)})")),
-    3,
-    pytest.param(4, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard 0.60 for all three pairs "
-                                            "(each circuit = layer-0 heads 1-3 plus one different head)")),
-    pytest.param("10%", marks=pytest.mark.xfail(strict=True, reason="measured Jaccard induction/kv 0.30 < "
-                                                "induction/map 0.67 (kv's effects are spread: 10 heads >= 10%)")),
+    "effect",
+    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard 0.33 for all three pairs")),
+    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard induction/kv 0.50 = induction/map")),
+    pytest.param(4, marks=pytest.mark.xfail(strict=True, reason="measured Jaccard induction/kv 0.33 < induction/map 0.60")),
 ])
 def test_organism_shared_mechanism_has_more_circuit_overlap(multitask_patching, size):
     """induction and kv lookup share a mechanism (find the earlier copy, copy what follows); the
-    token map does not: their activation-patching circuits should overlap more. Measured on the
-    shipped organism (fixed period 12, layer-0 positional shortcut, kv 14% accurate): it holds for
-    the top 3 of 12 heads only (Jaccard induction/kv 1.0, induction/map 0.5, kv/map 0.5)."""
+    token map does not: their circuits overlap more. Measured with the effect threshold: induction 7
+    heads, kv 6, map 1 ((0,3), 0.19: it reads the current token); Jaccard induction/kv 0.86,
+    induction/map 0.14, kv/map 0.17. Top-k circuits do not show it: k forces k heads into map's
+    circuit although one head carries its effect (the others move it <= 0.02), and (0,3), the
+    strongest head of all three tasks, is in every one."""
     c = _circuits(multitask_patching, size)
     shared = circuits.overlap(c["induction"], c["kv"])["jaccard"]
     assert shared > circuits.overlap(c["induction"], c["map"])["jaccard"]
     assert shared > circuits.overlap(c["kv"], c["map"])["jaccard"]
 
 
-@pytest.mark.parametrize("task", [
-    pytest.param("induction", marks=pytest.mark.xfail(strict=True, reason="measured Spearman 0.57: the clean/corrupt "
-                                                      "logit gap is 24 nats, far outside the first-order regime")),
-    "kv", "map"])
+@pytest.mark.parametrize("task", ["induction", "kv", "map"])
 def test_organism_attribution_agrees_with_activation_patching(multitask_patching, task):
-    """Plain attribution patching (one backward pass). Measured Spearman over the 12 heads: kv 0.81,
-    map 0.87 (induction 0.57)."""
+    """Plain attribution patching (one backward pass). Measured Spearman over the 8 heads:
+    induction 0.98, kv 0.93, map 0.98."""
     from scipy.stats import spearmanr
 
     act, att, _ = multitask_patching[task]
@@ -371,8 +356,8 @@ def test_organism_attribution_agrees_with_activation_patching(multitask_patching
 
 @pytest.mark.parametrize("task", ["induction", "kv", "map"])
 def test_organism_eap_ig_agrees_with_activation_patching(multitask_patching, task):
-    """EAP-IG (Hanna et al. 2024) with 16 steps stays faithful where the gap is large. Measured
-    Spearman over the 12 heads: induction 0.92, kv 0.97, map 0.84 (steps 4: 0.86, 0.99, 0.84)."""
+    """EAP-IG (Hanna et al. 2024), 16 steps. Measured Spearman over the 8 heads:
+    induction 1.00, kv 0.98, map 0.83."""
     from scipy.stats import spearmanr
 
     act, _, ig = multitask_patching[task]
@@ -380,19 +365,25 @@ def test_organism_eap_ig_agrees_with_activation_patching(multitask_patching, tas
     assert rho >= 0.8
 
 
-def test_organism_induction_detector_matches_induction_circuit(multitask, multitask_patching):
-    """The induction detector (kernel match_mass) on the organism's own repeated sequences picks
-    the induction task's activation-patching circuit. Measured induction scores: layer 0 heads
-    0.09, 0.40, 0.44, 0.45; every other head <= 0.03; circuit (top 3) = {(0,1), (0,2), (0,3)}."""
+def test_organism_head_detectors_find_the_induction_circuit(multitask, multitask_patching):
+    """On repeated random sequences (period 10) the detectors find the textbook two-layer circuit:
+    a previous-token head in layer 0 and induction heads in layer 1 only; every induction head is in
+    the induction task's activation-patching circuit. Measured: previous-token (0,2) 0.75 (other
+    heads <= 0.09); induction: layer 1 heads 0.36-0.38, layer 0 <= 0.005. (The previous-token head is
+    not in the patching circuit: the corruption changes a token's identity, which reaches the
+    induction heads' values directly, not through the previous-token head.)"""
     import random
 
     from headscope.analyzers.classic import head_type_scores
     from headscope.zoo import train_multitask as tm
 
     rng = random.Random(3)
-    period = organism_period() or 12
-    seqs = [rng.sample(tm.SEQ, period) for _ in range(8)]
+    seqs = [rng.sample(tm.SEQ, 10) for _ in range(8)]
     tokens = torch.tensor([multitask.tokenizer(" ".join(["ind"] + s + s))["input_ids"] for s in seqs])
-    detector = head_type_scores(multitask, "induction", tokens)
-    assert set(detector.top(3)) == circuits.circuit(multitask_patching["induction"][0], top_k=3)
-    assert detector.scores[1:].max() < 0.1
+    previous = head_type_scores(multitask, "previous-token", tokens)
+    induction = head_type_scores(multitask, "induction", tokens)
+    assert previous.top(1)[0][0] == 0 and float(previous.scores.max()) > 0.5
+    assert float(induction.scores[0].max()) < 0.05
+    heads = set(induction.above(0.3))
+    assert heads and all(layer == 1 for layer, _ in heads)
+    assert heads <= _circuits(multitask_patching, "effect")["induction"]

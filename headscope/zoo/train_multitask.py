@@ -1,31 +1,45 @@
 """Train the "multitask organism": a tiny Llama trained on three synthetic tasks, two of which share
-one mechanism (find the earlier copy of the current token, copy the token after it) and one that
-does not (a fixed token-to-token map, solvable without attention).
+one mechanism (find the earlier copy of the current token, copy the token after it: induction) and
+one that does not (a fixed token-to-token map, solvable without attention).
 
     python -m headscope.zoo.train_multitask --out headscope/zoo/multitask [--steps N --seed S]
 
-Tasks (word tokens, one token per word; the pair generators below are the evaluation's too):
+Evaluation tasks (word tokens, one token per word; ``task_pairs`` makes the clean/corrupt pairs):
 - ``induction``: "ind s1 .. sP s1 .. s5" -> s6 (a random sequence of P = 8..14 tokens, repeated).
 - ``kv``: "kv k1 v1 .. k6 v6 ? k3" -> v3 (key-value lookup in context).
 - ``map``: "map x1 y1 .. x5 y5 x6" -> f(x6), with y = f(x) a fixed random bijection.
 Clean/corrupt pairs change one earlier token (induction, kv) or the last token (map), so the
 answer moves; the metric is the logit difference between the two answers.
+
+Training rows (``training_row``), mixed in every batch and right-padded to ``LENGTH`` tokens:
+- induction: filler, a random segment S of 4..14 words, 0..16 filler words, S again; the loss is
+  on S's second copy. The copy distance varies, so only content predicts it (a fixed period let
+  layer-0 heads attend at a fixed offset instead); S is drawn from every content word (keys and
+  values too), so the induction circuit also serves the kv lookup.
+- kv: 3..8 key-value pairs, then "? key value" lookups to the end; the loss is on the values.
+- map: 12 "x f(x)" pairs; the loss is on every f(x).
+Attention projections have biases (``--attention-bias``, on): with RoPE and no biases, no layer-0
+head found the previous token within 8000 steps (a relative-offset pattern needs a
+token-independent query/key direction, which biases give for free).
+
+Shipped run (defaults, ``--threads 1``, 376 s): the loss sits near 1.8 until step ~4000, then drops
+to 0.02 (the induction circuit forms); accuracy 1.0 on all three tasks. A 4000-step schedule (its
+learning rate decays before the drop) and a 1e-3 head-output group-lasso penalty both stayed at
+~1.8 (induction 0.08 / 0.25 accuracy).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from headscope.tasks.circuit_pairs import CircuitPair
-from headscope.zoo.training import organism_config, build_word_tokenizer, seed_everything, train_loop
+from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
 def _words(prefix: str, n: int) -> list[str]:
     """Letter-only names (the word tokenizer splits digits): prefix + two letters."""
@@ -39,7 +53,6 @@ XS = _words("x", 24)
 YS = _words("y", 24)
 TASKS = ("induction", "kv", "map")
 MAP_SEED = 1234
-SCHEDULE = ("induction", "kv", "map", "kv")  # the lookup task is the slowest to learn: twice as many batches
 
 
 def mapping() -> dict[str, str]:
@@ -60,16 +73,12 @@ def _induction(rng: random.Random, period: int | None = None) -> tuple[list[str]
     return prompt, corrupt, first[5], spare
 
 
-def _kv(rng: random.Random, extra_queries: int = 0) -> tuple[list[str], list[str], str, str]:
-    """The pair; with ``extra_queries`` (training) more "? k v" lookups follow the answer."""
+def _kv(rng: random.Random) -> tuple[list[str], list[str], str, str]:
     keys, values = rng.sample(KEYS, 6), rng.sample(VALUES, 7)
     q = rng.randrange(6)
     prompt = ["kv"] + [t for kv in zip(keys, values[:6]) for t in kv] + ["?", keys[q]]
     corrupt = list(prompt)
     corrupt[1 + 2 * q + 1] = values[6]
-    for _ in range(extra_queries):
-        r = rng.randrange(6)
-        prompt = prompt + ([values[q]] if len(prompt) == 15 else []) + ["?", keys[r], values[r]]
     return prompt, corrupt, values[q], values[6]
 
 
@@ -98,44 +107,53 @@ def task_pairs(task: str, n: int = 32, seed: int = 0, period: int | None = None)
     return out
 
 
-def training_text(task: str, rng: random.Random, period: int = 12) -> tuple[str, int]:
-    """One training sequence (a clean prompt + its answer) and how many final tokens carry the loss.
+LENGTH = 48  # training row length in words
+CONTENT = SEQ + KEYS + VALUES + XS + YS
 
-    Induction sequences repeat after ``period`` tokens (one period per batch, so no padding);
-    varying it rules out a fixed-offset positional shortcut."""
-    if task == "induction":  # the whole repeat is predictable: continue it to the end
-        seq = rng.sample(SEQ, period)
-        return " ".join(["ind"] + seq + seq), period - 1
-    if task == "kv":  # the first lookup is the evaluated prompt; 6 more lookups follow
-        tokens = _kv(rng, extra_queries=6)[0]
-        return " ".join(tokens), 0
-    pair = task_pairs(task, 1, rng.randrange(1 << 30))[0]
-    return pair.clean + " " + pair.answer, 6
+
+def training_row(task: str, rng: random.Random) -> tuple[list[str], list[float]]:
+    """One training row (words) and its per-word loss weights (1 = predict this word)."""
+    if task == "induction":
+        period = rng.randint(4, 14)
+        segment = rng.sample(CONTENT, period)
+        others = [t for t in CONTENT if t not in segment]
+        lead, gap = rng.randint(0, 6), rng.randint(0, 16)
+        filler = [rng.choice(others) for _ in range(lead + gap)]
+        words = ["ind"] + filler[:lead] + segment + filler[lead:] + segment
+        weights = [0.0] * (len(words) - period + 1) + [1.0] * (period - 1)
+    elif task == "kv":
+        n = rng.randint(3, 8)
+        keys, values = rng.sample(KEYS, n), rng.sample(VALUES, n)
+        words = ["kv"] + [t for kv in zip(keys, values) for t in kv]
+        weights = [0.0] * len(words)
+        while len(words) + 3 <= LENGTH:
+            r = rng.randrange(n)
+            words += ["?", keys[r], values[r]]
+            weights += [0.0, 0.0, 1.0]
+    else:
+        f = mapping()
+        words = ["map"] + [t for x in rng.sample(XS, 12) for t in (x, f[x])]
+        weights = [0.0] + [float(i % 2 == 1) for i in range(len(words) - 1)]
+    return words[:LENGTH], weights[:LENGTH]
 
 
 def build_tokenizer():
-    return build_word_tokenizer([" ".join(["ind", "kv", "map", "?"] + SEQ + KEYS + VALUES + XS + YS)])
+    return build_word_tokenizer([" ".join(["ind", "kv", "map", "?"] + CONTENT)])
 
 
-def make_batch_fn(tokenizer, batch: int, seed: int, periods: tuple[int, int] = (8, 14)):
+def make_batch_fn(tokenizer, batch: int, seed: int):
+    """Batches of ``batch`` rows, the three tasks in turn, right-padded (padding carries no loss)."""
     rng = random.Random(seed)
 
     def make(step: int):
-        task = SCHEDULE[step % len(SCHEDULE)]
-        period = rng.randint(*periods)
         rows, weights = [], []
-        for _ in range(batch):
-            text, n_loss = training_text(task, rng, period)
-            ids = tokenizer(text)["input_ids"]
-            w = [0.0] * len(ids)
-            if task == "map":  # every y after its x is predictable
-                w = [1.0 if i >= 2 and i % 2 == 1 else 0.0 for i in range(len(ids))]
-            elif task == "kv":  # every value after "? key" is predictable: positions 16, 19, 22, ...
-                w = [1.0 if i >= 16 and (i - 16) % 3 == 0 else 0.0 for i in range(len(ids))]
-            else:
-                w[-n_loss:] = [1.0] * n_loss
-            rows.append(ids)
-            weights.append(w)
+        for i in range(batch):
+            words, w = training_row(TASKS[i % len(TASKS)], rng)
+            ids = tokenizer(" ".join(words))["input_ids"]
+            w = [0.0] * (len(ids) - len(words)) + w  # <bos>
+            pad = LENGTH + 1 - len(ids)
+            rows.append(ids + [tokenizer.pad_token_id] * pad)
+            weights.append(w + [0.0] * pad)
         return torch.tensor(rows), torch.tensor(weights)
 
     return make
@@ -153,34 +171,30 @@ def accuracy(model, tokenizer, task: str, n: int = 64, seed: int = 999, period: 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="headscope/zoo/multitask")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 trains faster on a crowded box)")
-    p.add_argument("--periods", default="8,14", help="induction repeat periods, min,max (equal: fixed period)")
+    p.add_argument("--attention-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="biases on the attention projections (see the module docstring)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 trains faster on a crowded box)")
     args = p.parse_args(argv)
 
     seed_everything(args.seed, threads=args.threads)
     tokenizer = build_tokenizer()
     config = organism_config(tokenizer, hidden=args.hidden, intermediate=4 * args.hidden, layers=args.layers,
-                             heads=args.heads, kv_heads=args.kv_heads, max_positions=64)
+                             heads=args.heads, kv_heads=args.kv_heads, max_positions=64,
+                             attention_bias=args.attention_bias)
     model = LlamaForCausalLM(config)
     start = time.time()
-    stats = train_loop(model, make_batch_fn(tokenizer, args.batch, args.seed, tuple(int(x) for x in args.periods.split(","))), steps=args.steps, lr=args.lr,
-                       log_every=50)
-    low, high = (int(x) for x in args.periods.split(","))
-    acc = {task: accuracy(model, tokenizer, task, period=low if low == high else None) for task in TASKS}
-    wall = time.time() - start
-    print(f"accuracy {acc}  wall {wall:.0f}s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    stats = train_loop(model, make_batch_fn(tokenizer, args.batch, args.seed), steps=args.steps, lr=args.lr,
+                       log_every=100)
+    acc = {task: accuracy(model, tokenizer, task) for task in TASKS}
+    print(f"accuracy {acc}  wall {time.time() - start:.0f}s")
     meta = {
         "name": "multitask",
         "description": "Tiny GQA Llama trained on induction, in-context key-value lookup (both: find the "
@@ -190,13 +204,16 @@ def main(argv=None) -> None:
             "command": "python -m headscope.zoo.train_multitask " + " ".join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "steps": args.steps,
             "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out", "seed", "steps", "threads")},
+            "threads": args.threads,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "wall_time_s": round(wall, 1), "final_loss": round(stats["final_loss"], 4),
+            "wall_time_s": round(time.time() - start, 1), "final_loss": round(stats["final_loss"], 4),
             "accuracy": {k: round(v, 4) for k, v in acc.items()}, "torch": torch.__version__,
+            "accuracy_note": "greedy accuracy on 64 held-out prompts per task (task_pairs, seed 999; "
+                             "induction periods 8..14)",
         },
     }
-    (out / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"saved to {out}")
+    save_organism(model, tokenizer, args.out, meta, max_new_tokens=1)
+    print(f"saved to {args.out}")
 
 
 if __name__ == "__main__":

@@ -179,8 +179,9 @@ def train_loop(
 
 
 def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
-                    max_positions: int):
-    """The organisms' architecture: a tiny LlamaConfig with GQA (kv_heads < heads) and tied embeddings."""
+                    max_positions: int, attention_bias: bool = False):
+    """The organisms' architecture: a tiny LlamaConfig with GQA (kv_heads < heads) and tied embeddings
+    (``attention_bias``: biases on the q/k/v/o projections, as some Llama-family models have)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -197,6 +198,7 @@ def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, h
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attention_bias=attention_bias,
         attn_implementation="sdpa",
     )
 
