@@ -139,12 +139,13 @@ def test_cli_classic_task(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured: the best retrieval head (1,5) ranks 18th of 32 on the induction "
-                   "detector; this organism copies digits by their place in the number (layer-0 heads mark "
-                   "positions), not by induction on token identity, so the check does not hold here (issue 5)")
 def test_retrieval_organism_induction_detector_ranks_retrieval_heads_high():
-    """The retrieval organism's best retrieval head (retrieval_heads on its needle grid) lies in the
-    induction detector's top quarter."""
+    """The retrieval organism's best retrieval head (retrieval_heads on its needle grid) is a real
+    induction head: in the induction detector's top quarter, with a score of at least 0.2 (a perfect
+    induction head scores ~0.49 on these tokens, uniform attention ~0.01). Retrieval heads are a
+    subset of induction heads in LLMs (Wu et al. 2024); the organism's trainer makes induction the
+    natural solution (issue 5). Measured: the top-3 retrieval heads (1,5), (1,4), (1,6) are the
+    top-3 induction heads, 0.471-0.474."""
     from headscope import zoo
     from headscope.analyzers.retrieval import retrieval_heads
     from headscope.tasks.needle import NeedleTask
@@ -157,3 +158,4 @@ def test_retrieval_organism_induction_detector_ranks_retrieval_heads_high():
     ranking = [tuple(h) for h in induction.top(induction.scores.numel())]
     best = truth.top(1)[0]
     assert ranking.index(best) < induction.scores.numel() // 4
+    assert induction.scores[best] >= 0.2

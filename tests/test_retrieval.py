@@ -104,18 +104,21 @@ def test_organism_retrieves(organism):
     assert records["correct"].mean() >= 0.9
 
 
-def test_top_retrieval_head_is_causal_in_the_ground_truth(organism, organism_scores):
-    """The best-scoring retrieval head matters on its own: ablating it alone costs >= half the accuracy.
-
-    (Single-head drops are not a ranking of retrieval heads: redundant copy heads each drop ~0 alone,
-    and layer-0 heads the copy circuit reads from are causal without copying. The set test below
-    is the paper's causal check.)
-    """
+def test_top_retrieval_heads_are_redundant_copies(organism, organism_scores):
+    """The top retrieval heads back each other up, as in LLMs: each alone costs little (ground
+    truth), the set together costs far more than the sum of those single drops. Measured: (1,5)
+    0.125, (1,4) 0.019, (1,6) 0.006 alone; 0.86 together. (The single-head drops are led by heads
+    that never copy: (3,3) 0.41, (0,0) 0.39; single-head drops are not a ranking of retrieval heads.)"""
     import pandas as pd
 
     table = pd.read_csv(zoo.ground_truth_path("retrieval"))
     drop = {(int(r.layer), int(r.head)): r.drop for r in table.itertuples()}
-    assert drop[organism_scores.top(1)[0]] >= 0.5
+    top = organism_scores.top(organism.geometry.n_total // 10)
+    trials = organism_trials(organism)
+    base = needle_accuracy(organism, trials, progress=False)["correct"].mean()
+    with organism.ablate(top):
+        together = base - needle_accuracy(organism, trials, progress=False)["correct"].mean()
+    assert together > 3 * sum(drop[h] for h in top)
 
 
 def test_ablating_top_retrieval_heads_breaks_retrieval(organism, organism_scores):
@@ -144,3 +147,48 @@ def test_ablating_random_heads_keeps_retrieval(organism, organism_scores):
 def test_ground_truth_file_is_consistent():
     summary = json.loads((zoo.organism_path("retrieval") / "ground_truth.json").read_text())
     assert summary["base_accuracy"] >= 0.9
+
+
+def trainer_args(**kw):
+    import argparse
+
+    base = dict(min_len=48, max_len=544, ramp=0.4, steps=100, batch_tokens=2048, context_weight=1.0,
+                answer_weight=20.0, key_weight=5.0, repeat_frac=0.25, repeat_weight=1.0, min_period=4,
+                distinct_digits=1, device="cpu", pretrain_steps=10, pretrain_max_len=160, pretrain_batch_tokens=1024)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_trainer_induction_rows_repeat_with_their_period():
+    """Induction rows: every weighted target equals the token one period earlier (so induction
+    predicts it), and the first token of the copy is not weighted."""
+    from headscope.zoo import train_retrieval as tr
+
+    maker = tr.BatchMaker(tr.build_tokenizer(), trainer_args(), seed=0)
+    ids, weights = maker(0)  # the induction-only phase
+    assert ids.shape == weights.shape and ids.shape[0] == 1024 // ids.shape[1]
+    for row, w in zip(ids.tolist(), weights.tolist()):
+        assert row[0] == maker.bos and all(t in maker.words for t in row[1:])
+        first = w.index(1.0)
+        period = first - 2  # weights: 0 on <bos>, the first period and the copy's first token
+        assert set(w[:first]) == {0.0} and set(w[first:]) == {1.0}
+        assert all(row[t] == row[t - period] for t in range(period + 1, len(row)))
+
+
+def test_trainer_needles_have_distinct_digits_and_skip_the_shipped_ones():
+    import random
+
+    from headscope.tasks.needle import load_needles
+    from headscope.zoo import train_retrieval as tr
+
+    rng = random.Random(0)
+    numbers = [tr.make_needle(rng, distinct_digits=True).answer for _ in range(500)]
+    assert all(len(set(n)) == len(n) and 3 <= len(n) <= 5 and n[0] != "0" for n in numbers)
+    assert all(len(set(n.answer)) == len(n.answer) for n in load_needles())  # the evaluation needles too
+    maker = tr.BatchMaker(tr.build_tokenizer(), trainer_args(repeat_frac=0.5), seed=0)
+    ids, weights = maker(10)  # the needle phase: needle prompts and induction rows
+    answered = (weights == 20.0).any(1)
+    assert 0 < int(answered.sum()) < ids.shape[0]
+    shipped = ["".join(n.needle.split()) for n in load_needles()]
+    for row in ids[answered].tolist():
+        text = "".join(maker.task.tokenizer.decode(row, skip_special_tokens=True).split())
+        assert "Thesecretnumberofthe" in text and not any(s in text for s in shipped)

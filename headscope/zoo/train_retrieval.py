@@ -5,12 +5,29 @@
 Training prompts come from :class:`headscope.tasks.needle.NeedleTask` (no chat template), so they
 have exactly the format the toolkit evaluates: ``<bos> haystack-with-needle \\n question``, then the
 answer digits and ``<eos>``. Keys are random adjective x noun pairs, numbers random 3-5 digits,
-lengths random in the trained range (growing from short to long over the first 40% of steps),
-depths random in [0, 100]. Loss: next-token loss on the whole sequence, answer + <eos> weighted
-20x, the question's key words 5x, plus a group-lasso penalty on each head's output weights
-(``--head-l1``) so that the mechanism lives in few heads: one retrieval head (layer 1) fed by
-two or three layer-0 heads that mark each digit's place in the number. ``--head-dropout`` (with
+lengths random in the trained range (growing from short to long over the first 40% of the needle
+steps), depths random in [0, 100]. Loss: next-token loss on the whole sequence, answer + <eos>
+weighted 20x, the question's key words 5x, plus a group-lasso penalty on each head's output
+weights (``--head-l1``) so that the mechanism lives in few heads. With the defaults (the shipped
+organism): one retrieval head (layer 1) fed by two or three layer-0 heads that mark each digit's
+place in the number, so it copies by position, not by induction. ``--head-dropout`` (with
 ``--sparse-from 1``) makes those layer-0 helpers redundant instead (experimental, not shipped).
+
+Induction (experimental, off by default; issue 5). Retrieval heads in LLMs are a subset of
+induction heads (Wu et al. 2024), learnt from the repeated spans of natural text; the haystack
+here is one fixed text the model memorises, so nothing in it teaches induction. Options:
+``--pretrain-steps`` of induction data only (rows of random words repeated with a random period,
+loss on the repeats; head penalty ``--pretrain-head-l1``), then the needle steps with
+``--repeat-frac`` of the rows still induction data, and ``--distinct-digits 1`` (no digit repeated
+in a training number, like the shipped needles, so copying by induction is exact). Measured
+(seed 0): with induction rows mixed in from the start, or after 1200 induction-only steps, no
+induction head formed in 2000-4000 steps (repeat loss ~5.6 nats, uniform ~5.8); the
+induction-only phase forms them abruptly (after ~900 steps with the head penalty 1e-2, ~2300
+without it). ``--pretrain-steps 2000 --head-l1 1e-2 --repeat-frac 0.25 --distinct-digits 1``
+(626 s) gives needle accuracy 0.994 with the top-3 retrieval heads = the top-3 induction heads
+(scores 0.47), but copying is shared by those three heads: ablating them leaves 0.13, the best
+one alone 0.87 (single-head drop 0.125), so it is not shipped. A weaker penalty (3e-3) leaves all
+8 layer-1 heads redundant induction heads (top-3 ablated: 0.82-0.93).
 """
 
 from __future__ import annotations
@@ -48,11 +65,19 @@ EVAL_LENGTHS = (128, 256, 384, 512)
 EVAL_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 
 
-def make_needle(rng: random.Random) -> Needle:
-    """A random key (adjective noun) and a random 3-5 digit number, in the shipped needles' format."""
+def make_needle(rng: random.Random, distinct_digits: bool = False) -> Needle:
+    """A random key (adjective noun) and a random 3-5 digit number, in the shipped needles' format.
+
+    ``distinct_digits``: no digit repeats within the number (as in the shipped needles), so the
+    digit just written names the next one uniquely and copying by induction is enough.
+    """
     key = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-    digits = rng.randint(3, 5)
-    number = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    n_digits = rng.randint(3, 5)
+    if distinct_digits:
+        first = rng.choice("123456789")
+        number = first + "".join(rng.sample([d for d in "0123456789" if d != first], n_digits - 1))
+    else:
+        number = str(rng.randint(10 ** (n_digits - 1), 10**n_digits - 1))
     return Needle(
         needle=f"The secret number of the {key} is {number}.",
         question=f"What is the secret number of the {key}?",
@@ -85,18 +110,40 @@ class BatchMaker:
         # tokens after the key in a prompt: "?" and the rest of the template ("\nAnswer:")
         after = DEFAULT_TEMPLATE.split("{question}")[1]
         self.n_after_key = len(tokenizer("?" + after, add_special_tokens=False)["input_ids"])
+        self.bos = tokenizer.bos_token_id
+        self.words = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+
+    def repeat_row(self, length: int) -> tuple[list[int], list[float]]:
+        """Induction data: random words repeated with a random period, loss on the repeats only.
+
+        Natural text repeats spans (names, numbers, phrases) and LMs learn induction heads from it;
+        the haystack here is one fixed text, so the repeats are made explicit. The first token of
+        each repeat cannot be predicted and gets weight 0.
+        """
+        a, rng = self.args, self.rng
+        period = rng.randint(a.min_period, max(a.min_period, (length - 1) // 2))
+        chunk = [rng.choice(self.words) for _ in range(period)]
+        ids = [self.bos] + (chunk * (length // period + 1))[: length - 1]
+        w = [0.0] * (period + 2) + [a.repeat_weight] * (length - period - 2)
+        return ids, w
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, rng = self.args, self.rng
-        # curriculum: the longest length grows from min_len + 48 to max_len over the first `ramp` of training
+        if step < a.pretrain_steps:  # phase 1: induction data only, until induction heads form
+            length = rng.randint(a.min_len, a.pretrain_max_len)
+            rows, weights = zip(*(self.repeat_row(length) for _ in range(max(1, a.pretrain_batch_tokens // length))))
+            return torch.tensor(rows, device=a.device), torch.tensor(weights, device=a.device)
+        step -= a.pretrain_steps
+        # curriculum: the longest length grows from min_len + 48 to max_len over the first `ramp` of the needle steps
         grown = a.min_len + (a.max_len - a.min_len) * min(1.0, step / max(1.0, a.ramp * a.steps))
         length = rng.randint(a.min_len, max(a.min_len + 48, int(grown)))
         batch = max(1, a.batch_tokens // length)
         rows, weights = [], []
-        for _ in range(batch):
-            needle = make_needle(rng)
+        n_repeat = sum(rng.random() < a.repeat_frac for _ in range(batch)) if a.repeat_frac > 0 else 0
+        for _ in range(batch - n_repeat):
+            needle = make_needle(rng, a.distinct_digits)
             while (needle.question, needle.answer) in self.shipped:  # keep the evaluation needles unseen
-                needle = make_needle(rng)
+                needle = make_needle(rng, a.distinct_digits)
             n_answer = len(needle.answer) + 1  # digits are single tokens, then <eos>
             trial = self.task.build(needle, length - n_answer, rng.uniform(0, 100))
             ids = trial.prompt_ids + trial.answer_ids + [self.eos]
@@ -105,7 +152,11 @@ class BatchMaker:
             w[key_end - 2 : key_end] = [a.key_weight] * 2
             rows.append(ids)
             weights.append(w)
-        return torch.tensor(rows), torch.tensor(weights)
+        for _ in range(n_repeat):
+            ids, w = self.repeat_row(length)
+            rows.append(ids)
+            weights.append(w)
+        return torch.tensor(rows, device=a.device), torch.tensor(weights, device=a.device)
 
 
 @torch.no_grad()
@@ -117,7 +168,7 @@ def evaluate(model, tokenizer, lengths=EVAL_LENGTHS, depths=EVAL_DEPTHS, needles
     per_length = {}
     for length in task.lengths:
         trials = [task.build(n, length, d, i) for d in task.depths for i, n in enumerate(task.needles)]
-        ids = torch.tensor([t.prompt_ids for t in trials])  # same length: one batch, no padding
+        ids = torch.tensor([t.prompt_ids for t in trials], device=model.device)  # same length: one batch, no padding
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -130,6 +181,20 @@ def evaluate(model, tokenizer, lengths=EVAL_LENGTHS, depths=EVAL_DEPTHS, needles
         per_length[length] = sum(is_correct(txt, t.answer) for txt, t in zip(texts, trials)) / len(trials)
     overall = sum(per_length.values()) / len(per_length)
     return {"overall": overall, "per_length": per_length}
+
+
+@torch.no_grad()
+def induction_loss(model, tokenizer, n: int = 16, half: int = 64, seed: int = 0) -> float:
+    """Mean next-token loss on the second copy of ``n`` random word sequences repeated twice
+    (log |vocab| ~ 6 without induction, ~0 with it), the first token of the copy excluded."""
+    g = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    words = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    first = words[torch.randint(len(words), (n, half), generator=g)]
+    ids = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), first, first], 1).to(model.device)
+    logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return float(nll[:, half + 1 :].mean())
 
 
 def save(model, tokenizer, out: Path, meta: dict) -> None:
@@ -151,6 +216,17 @@ def main(argv=None) -> None:
     p.add_argument("--context-weight", type=float, default=1.0, help="loss weight of prompt tokens")
     p.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of answer tokens and <eos>")
     p.add_argument("--key-weight", type=float, default=5.0, help="loss weight of the key words in the question")
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="steps of induction data only before the needle steps (--steps)")
+    p.add_argument("--pretrain-head-l1", type=float, default=1e-2, help="head-L1 weight in the first phase")
+    p.add_argument("--pretrain-max-len", type=int, default=132, help="longest induction row in the first phase")
+    p.add_argument("--pretrain-batch-tokens", type=int, default=1024, help="tokens per batch in the first phase")
+    p.add_argument("--repeat-frac", type=float, default=0.0,
+                   help="probability that a row is induction data (random words repeated), not a needle prompt")
+    p.add_argument("--repeat-weight", type=float, default=1.0, help="loss weight of the repeated words")
+    p.add_argument("--min-period", type=int, default=4, help="shortest period of the repeated random words")
+    p.add_argument("--distinct-digits", type=int, default=0, help="1: training numbers have no repeated digit")
+    p.add_argument("--device", default="cpu", help="torch device (cpu: the shipped organism)")
     p.add_argument("--head-l1", type=float, default=3e-3, help="group-lasso weight on per-head output norms")
     p.add_argument("--sparse-from", type=int, default=0, help="first layer under the head-L1 penalty")
     p.add_argument("--head-dropout", type=float, default=0.0, help="head dropout in the layers before --sparse-from")
@@ -163,22 +239,26 @@ def main(argv=None) -> None:
 
     seed_everything(args.seed, args.threads)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(make_config(tokenizer, args))
+    model = LlamaForCausalLM(make_config(tokenizer, args)).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}, {n_params / 1e6:.2f}M parameters")
 
     start = time.time()
-    def sparsity(m):
-        return args.head_l1 * head_output_norms(m)[args.sparse_from :].sum()
+    calls = [0]
+
+    def sparsity(m):  # --pretrain-head-l1 in the induction-only phase, --head-l1 after it
+        calls[0] += 1
+        weight = args.head_l1 if calls[0] > args.pretrain_steps else args.pretrain_head_l1
+        return weight * head_output_norms(m)[args.sparse_from :].sum()
 
     hooks = add_head_dropout(model, range(args.sparse_from), args.head_dropout) if args.head_dropout > 0 else []
 
     stats = train_loop(
         model,
         BatchMaker(tokenizer, args, args.seed),
-        steps=args.steps,
+        steps=args.pretrain_steps + args.steps,
         lr=args.lr,
-        regularizer=sparsity if args.head_l1 > 0 else None,
+        regularizer=sparsity if max(args.head_l1, args.pretrain_head_l1) > 0 else None,
     )
     for h in hooks:
         h.remove()
@@ -186,7 +266,9 @@ def main(argv=None) -> None:
     print("head output norms (layer x head):\n" + "\n".join(" ".join(f"{v:5.2f}" for v in row) for row in norms.tolist()))
     acc = evaluate(model, tokenizer)
     wall = time.time() - start
-    print(f"accuracy {acc['overall']:.3f} per length {acc['per_length']}  wall {wall:.0f}s")
+    repeat_loss = induction_loss(model, tokenizer)
+    print(f"accuracy {acc['overall']:.3f} per length {acc['per_length']}  induction loss {repeat_loss:.3f}  "
+          f"wall {wall:.0f}s")
 
     meta = {
         "name": "retrieval",
@@ -201,17 +283,19 @@ def main(argv=None) -> None:
             "command": "python -m headscope.zoo.train_retrieval " + " ".join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed,
             "steps": args.steps,
-            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out", "seed", "steps", "threads")},
+            "hyperparameters": {k: v for k, v in vars(args).items()
+                                if k not in ("out", "seed", "steps", "threads", "device")},
             "threads": args.threads,
             "parameters": n_params,
             "wall_time_s": round(wall, 1),
             "final_loss": round(stats["final_loss"], 4),
             "accuracy": round(acc["overall"], 4),
+            "induction_loss": round(repeat_loss, 4),
             "accuracy_per_length": {str(k): round(v, 4) for k, v in acc["per_length"].items()},
             "torch": torch.__version__,
         },
     }
-    save(model, tokenizer, Path(args.out), meta)
+    save(model.cpu(), tokenizer, Path(args.out), meta)
     print(f"saved to {args.out}")
 
 
