@@ -4,30 +4,30 @@
 
 Training prompts come from :class:`headscope.tasks.needle.NeedleTask` (no chat template), so they
 have exactly the format the toolkit evaluates: ``<bos> haystack-with-needle \\n question``, then the
-answer digits and ``<eos>``. Keys are random adjective x noun pairs, numbers random 3-5 digits,
-lengths random in the trained range (growing from short to long over the first 40% of the needle
-steps), depths random in [0, 100]. Loss: next-token loss on the whole sequence, answer + <eos>
-weighted 20x, the question's key words 5x, plus a group-lasso penalty on each head's output
-weights (``--head-l1``) so that the mechanism lives in few heads. With the defaults (the shipped
-organism): one retrieval head (layer 1) fed by two or three layer-0 heads that mark each digit's
-place in the number, so it copies by position, not by induction. ``--head-dropout`` (with
-``--sparse-from 1``) makes those layer-0 helpers redundant instead (experimental, not shipped).
+answer digits and ``<eos>``. Keys are random adjective x noun pairs, numbers random 3-5 digits
+with no digit repeated (``--distinct-digits``, like the shipped needles), lengths random in the
+trained range (growing from short to long over the first 40% of the needle steps), depths random
+in [0, 100]. Loss: next-token loss on the whole sequence, answer + <eos> weighted 20x, the
+question's key words 5x, plus a group-lasso penalty on each head's output weights (``--head-l1``)
+so that the mechanism lives in few heads.
 
-Induction (experimental, off by default; issue 5). Retrieval heads in LLMs are a subset of
-induction heads (Wu et al. 2024), learnt from the repeated spans of natural text; the haystack
-here is one fixed text the model memorises, so nothing in it teaches induction. Options:
-``--pretrain-steps`` of induction data only (rows of random words repeated with a random period,
-loss on the repeats; head penalty ``--pretrain-head-l1``), then the needle steps with
-``--repeat-frac`` of the rows still induction data, and ``--distinct-digits 1`` (no digit repeated
-in a training number, like the shipped needles, so copying by induction is exact). Measured
-(seed 0): with induction rows mixed in from the start, or after 1200 induction-only steps, no
-induction head formed in 2000-4000 steps (repeat loss ~5.6 nats, uniform ~5.8); the
-induction-only phase forms them abruptly (after ~900 steps with the head penalty 1e-2, ~2300
-without it). ``--pretrain-steps 2000 --head-l1 1e-2 --repeat-frac 0.25 --distinct-digits 1``
-(626 s) gives needle accuracy 0.994 with the top-3 retrieval heads = the top-3 induction heads
-(scores 0.47), but copying is shared by those three heads: ablating them leaves 0.13, the best
-one alone 0.87 (single-head drop 0.125), so it is not shipped. A weaker penalty (3e-3) leaves all
-8 layer-1 heads redundant induction heads (top-3 ablated: 0.82-0.93).
+Retrieval heads in LLMs are a subset of induction heads (Wu et al. 2024), learnt from the repeated
+spans of natural text; the haystack here is one fixed text the model memorises, so nothing in it
+teaches induction. So training starts with ``--pretrain-steps`` of induction data only (rows of
+random words repeated with a random period, loss on the repeats; head penalty
+``--pretrain-head-l1``), then runs the needle steps with ``--repeat-frac`` of the rows still
+induction data. With distinct digits, copying the number by induction is exact.
+
+Shipped run (the defaults, seed 0, 626 s at 1 thread; a rerun gave identical weights): induction
+heads form abruptly after ~900 induction-only steps; needle accuracy 0.994; the top-3 retrieval
+heads (1,5), (1,4), (1,6) are the top-3 induction heads (0.47); ablating them leaves 0.13, while
+each alone costs 0.125 / 0.019 / 0.006 (they back each other up). Measured alternatives: induction
+rows mixed in from the start, or after only 1200 induction-only steps, formed no induction head in
+2000-4000 steps (repeat loss ~5.6 nats, uniform ~5.8); a weaker penalty (3e-3) made all 8 layer-1
+heads redundant induction heads (top-3 ablated: 0.82-0.93). The earlier organism (``--pretrain-steps 0
+--repeat-frac 0 --distinct-digits 0 --head-l1 3e-3``) copied digits by their place in the number
+(layer-0 heads mark positions): no induction head at all. ``--head-dropout`` (with
+``--sparse-from 1``) makes layer-0 helpers redundant instead (experimental).
 """
 
 from __future__ import annotations
@@ -216,18 +216,18 @@ def main(argv=None) -> None:
     p.add_argument("--context-weight", type=float, default=1.0, help="loss weight of prompt tokens")
     p.add_argument("--answer-weight", type=float, default=20.0, help="loss weight of answer tokens and <eos>")
     p.add_argument("--key-weight", type=float, default=5.0, help="loss weight of the key words in the question")
-    p.add_argument("--pretrain-steps", type=int, default=0,
+    p.add_argument("--pretrain-steps", type=int, default=2000,
                    help="steps of induction data only before the needle steps (--steps)")
     p.add_argument("--pretrain-head-l1", type=float, default=1e-2, help="head-L1 weight in the first phase")
     p.add_argument("--pretrain-max-len", type=int, default=132, help="longest induction row in the first phase")
     p.add_argument("--pretrain-batch-tokens", type=int, default=1024, help="tokens per batch in the first phase")
-    p.add_argument("--repeat-frac", type=float, default=0.0,
+    p.add_argument("--repeat-frac", type=float, default=0.25,
                    help="probability that a row is induction data (random words repeated), not a needle prompt")
     p.add_argument("--repeat-weight", type=float, default=1.0, help="loss weight of the repeated words")
     p.add_argument("--min-period", type=int, default=4, help="shortest period of the repeated random words")
-    p.add_argument("--distinct-digits", type=int, default=0, help="1: training numbers have no repeated digit")
+    p.add_argument("--distinct-digits", type=int, default=1, help="1: training numbers have no repeated digit")
     p.add_argument("--device", default="cpu", help="torch device (cpu: the shipped organism)")
-    p.add_argument("--head-l1", type=float, default=3e-3, help="group-lasso weight on per-head output norms")
+    p.add_argument("--head-l1", type=float, default=1e-2, help="group-lasso weight on per-head output norms")
     p.add_argument("--sparse-from", type=int, default=0, help="first layer under the head-L1 penalty")
     p.add_argument("--head-dropout", type=float, default=0.0, help="head dropout in the layers before --sparse-from")
     p.add_argument("--hidden", type=int, default=128)
