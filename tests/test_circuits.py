@@ -343,25 +343,17 @@ def test_organism_shared_mechanism_has_more_circuit_overlap(multitask_patching, 
     assert shared > circuits.overlap(c["kv"], c["map"])["jaccard"]
 
 
+@pytest.mark.parametrize("method", ["plain", "eap-ig"])
 @pytest.mark.parametrize("task", ["induction", "kv", "map"])
-def test_organism_attribution_agrees_with_activation_patching(multitask_patching, task):
-    """Plain attribution patching (one backward pass). Measured Spearman over the 8 heads:
-    induction 0.98, kv 0.93, map 0.98."""
+def test_organism_attribution_agrees_with_activation_patching(multitask_patching, task, method):
+    """Attribution patching (plain: one backward pass; EAP-IG, Hanna et al. 2024: 16 steps) ranks
+    heads like activation patching. Measured Spearman over the 8 heads, induction / kv / map:
+    plain 0.98 / 0.93 / 0.98, EAP-IG 1.00 / 0.98 / 0.83."""
     from scipy.stats import spearmanr
 
-    act, att, _ = multitask_patching[task]
-    rho = spearmanr(act.scores.flatten().numpy(), att.scores.flatten().numpy()).statistic
-    assert rho >= 0.8
-
-
-@pytest.mark.parametrize("task", ["induction", "kv", "map"])
-def test_organism_eap_ig_agrees_with_activation_patching(multitask_patching, task):
-    """EAP-IG (Hanna et al. 2024), 16 steps. Measured Spearman over the 8 heads:
-    induction 1.00, kv 0.98, map 0.83."""
-    from scipy.stats import spearmanr
-
-    act, _, ig = multitask_patching[task]
-    rho = spearmanr(act.scores.flatten().numpy(), ig.scores.flatten().numpy()).statistic
+    act, plain, ig = multitask_patching[task]
+    estimate = plain if method == "plain" else ig
+    rho = spearmanr(act.scores.flatten().numpy(), estimate.scores.flatten().numpy()).statistic
     assert rho >= 0.8
 
 
