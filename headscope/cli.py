@@ -11,7 +11,7 @@ import importlib
 import random
 import sys
 
-from headscope.commands import COMMAND_MODULES, TASK_MODULES
+from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags
 from headscope.errors import HeadscopeError
 
 
@@ -58,6 +58,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--ablation", choices=("zero", "uniform"), default="zero",
                     help="zero the head output, or give it uniform attention")
     add_edit_arguments(ev)
+    edit_flags.add_arguments(ev)
 
     sub.add_parser("models", help="list the shipped model organisms")
     for name in COMMAND_MODULES:
@@ -141,6 +142,7 @@ def edit_context(hm, task, args, heads, how: str):
 
 
 def _eval(args, task) -> int:
+    from headscope.interventions import intervene
     from headscope.scores import HeadScores
 
     if not hasattr(task, "evaluate"):
@@ -151,11 +153,22 @@ def _eval(args, task) -> int:
     hm = load_model(args)
     how = args.random_edit if mode == "random" else mode
 
-    def metrics(heads) -> dict[str, float]:
-        with edit_context(hm, task, args, heads, how):
+    def metrics(heads, rng=None) -> dict[str, float]:
+        with edit_context(hm, task, args, heads, how), intervene(hm, edit_flags.build_edits(args, hm, rng)):
             return task.evaluate(args, hm)
 
-    if mode in ("scale", "decore"):
+    if edit_flags.is_random(args):
+        if mode != "none":
+            raise HeadscopeError("--random-heads is its own control; do not combine it with --ablate/--scale/--decore/--random")
+        rng = random.Random(args.seed)
+        draws = []
+        for draw in range(args.draws):
+            draws.append(metrics([], rng))
+            print(f"draw {draw}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
+        result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
+        spread = {k: (sum((d[k] - result[k]) ** 2 for d in draws) / max(len(draws) - 1, 1)) ** 0.5 for k in result}
+        print(f"std over {len(draws)} draws: " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()))
+    elif mode in ("scale", "decore"):
         csv = getattr(args, mode)
         heads = hm.check_heads(HeadScores.from_csv(csv).top(args.top))
         detail = f"scaling by {args.alpha:g}" if mode == "scale" else "DeCoRe, masking"

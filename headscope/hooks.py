@@ -41,7 +41,8 @@ ADAPTERS: tuple[Adapter, ...] = (
     # Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, ...; LLaVA's language model
     Adapter(
         "decoder (self_attn.o_proj)",
-        ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers"),
+        ("model.layers", "model.language_model.layers", "language_model.model.layers", "model.text_model.layers",
+         "layers"),
         "self_attn",
         "self_attn.o_proj",
     ),
@@ -68,6 +69,7 @@ def _get(root: torch.nn.Module, path: str):
 class LayerModules:
     attention: torch.nn.Module
     out_proj: torch.nn.Module
+    block: torch.nn.Module | None = None  # the whole layer; its input is the residual stream
 
 
 def find_layers(model: torch.nn.Module) -> tuple[Adapter, list[LayerModules]]:
@@ -77,7 +79,7 @@ def find_layers(model: torch.nn.Module) -> tuple[Adapter, list[LayerModules]]:
             blocks = _get(model, path)
             if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
                 continue
-            layers = [LayerModules(_get(b, adapter.attention), _get(b, adapter.out_proj)) for b in blocks]
+            layers = [LayerModules(_get(b, adapter.attention), _get(b, adapter.out_proj), b) for b in blocks]
             if all(lm.attention is not None and lm.out_proj is not None for lm in layers):
                 return adapter, layers
     families = ", ".join(a.family for a in ADAPTERS)
@@ -85,6 +87,11 @@ def find_layers(model: torch.nn.Module) -> tuple[Adapter, list[LayerModules]]:
         f"headscope cannot find the attention layers of {type(model).__name__}: its module layout matches "
         f"none of the supported families ({families}). Add an Adapter for it in headscope/hooks.py."
     )
+
+
+def residual_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A decoder block's residual-stream input, from its forward pre-hook (positional or keyword)."""
+    return args[0] if args else kwargs.get("hidden_states")
 
 
 # --------------------------------------------------------------------------- attention function

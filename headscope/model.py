@@ -101,7 +101,7 @@ class ZCapture:
 class HeadModel:
     """A transformers model with its head geometry; probes and edits per (layer, head)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, name: str | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer=None, name: str | None = None, processor=None):
         if type(model).__module__.startswith("nnsight"):  # an nnsight model wraps the same HF model
             model = model.__dict__.get("_module") or getattr(model, "_model", model)
         if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
@@ -110,7 +110,8 @@ class HeadModel:
                 "Load one with HeadModel.load(path_or_hub_id)."
             )
         self.model = model
-        self.tokenizer = tokenizer
+        self.processor = processor  # image-text models: the processor (images + text -> inputs)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.adapter, self._layers = hooks.find_layers(model)
         self.geometry = self._read_geometry()
@@ -120,6 +121,9 @@ class HeadModel:
         self._q_scales: list[tuple[int, torch.Tensor]] = []  # (layer, [H] query multiplier)
         self._z_edits: list[Callable[[int, torch.Tensor, range], torch.Tensor]] = []
         self._z_captures: list[ZCapture] = []
+        self._attention_edits: list[Callable] = []  # fn(layer, module, q, k, v, mask, scaling, **kw) -> out | None
+        self._residual_watchers: list[Callable[[int, torch.Tensor], None]] = []
+        self._input_watchers: list[Callable[[dict], None]] = []
         self._stats: StatsRequest | None = None
         self._positions: dict[int, range] = {}  # layer -> absolute positions of the current call
 
@@ -129,7 +133,8 @@ class HeadModel:
         """Load a shipped organism (``headscope models``), a local folder or a hub id.
 
         Causal LMs load through AutoModelForCausalLM, LLaVA-style models through
-        AutoModelForImageTextToText, encoders through AutoModel.
+        AutoModelForImageTextToText (with their processor, PIL image backend when torchvision is
+        missing), encoders through AutoModel.
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -161,7 +166,7 @@ class HeadModel:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError):
             tokenizer = None
-        return cls(model, tokenizer, name=str(name_or_path))
+        return cls(model, tokenizer, name=str(name_or_path), processor=_load_processor(source, config))
 
     def _read_geometry(self) -> HeadGeometry:
         config = self.model.config
@@ -234,6 +239,10 @@ class HeadModel:
             for layer, modules in enumerate(self._layers):
                 hooks.set_handler(modules.attention, self._attention_handler(layer))
                 self._hook_handles.append(modules.out_proj.register_forward_pre_hook(self._out_proj_hook(layer)))
+                if modules.block is not None:
+                    self._hook_handles.append(modules.block.register_forward_pre_hook(
+                        self._block_hook(layer), with_kwargs=True))
+            self._hook_handles.append(self.model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
         except BaseException:
             self._uninstall()
             raise
@@ -273,6 +282,10 @@ class HeadModel:
                 query = query * (s.view(1, -1, 1, 1) if s.dim() == 1 else s if s.dim() == 4 else s.view(*s.shape, 1, 1))
             request = self._stats
             if request is None or layer not in request.layers:
+                for edit in self._attention_edits:
+                    out = edit(layer, module, query, key, value, mask, scaling, **kwargs)
+                    if out is not None:
+                        return out
                 return hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs) if scales else None
             return self._attention_with_stats(request, layer, module, query, key, value, mask, scaling, **kwargs)
 
@@ -329,6 +342,23 @@ class HeadModel:
             )
         request.calls.setdefault(layer, []).append((q_offset + lo, record))
         return out
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            if self._residual_watchers:
+                hidden = hooks.residual_input(args, kwargs)
+                for watch in self._residual_watchers:
+                    watch(layer, hidden)
+            return None
+
+        return hook
+
+    def _input_hook(self, module, args, kwargs):
+        if self._input_watchers:
+            inputs = dict(kwargs, input_ids=args[0]) if args else kwargs
+            for watch in self._input_watchers:
+                watch(inputs)
+        return None
 
     def _out_proj_hook(self, layer: int):
         g = self.geometry
@@ -430,6 +460,26 @@ class HeadModel:
             yield
 
     @contextlib.contextmanager
+    def edit_attention(self, edit: Callable) -> Iterator[None]:
+        """Replace attention outputs: ``edit(layer, module, q, k, v, mask, scaling, **kwargs)`` returns
+        the output [B, q, H, d] or None (stock attention). q after RoPE [B, H, q, d]; k, v [B, Hkv, k, d]."""
+        with self._pushed(self._attention_edits, edit):
+            yield
+
+    @contextlib.contextmanager
+    def watch_residual(self, watch: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+        """Call ``watch(layer, hidden)`` with each layer's residual-stream input [B, S, d] (no edits)."""
+        with self._pushed(self._residual_watchers, watch):
+            yield
+
+    @contextlib.contextmanager
+    def watch_inputs(self, watch: Callable[[dict], None]) -> Iterator[None]:
+        """Call ``watch(kwargs)`` with the keyword inputs of every forward call of the model
+        (``input_ids``, ``attention_mask``, ... as generate() passes them)."""
+        with self._pushed(self._input_watchers, watch):
+            yield
+
+    @contextlib.contextmanager
     def scale_queries(self, layer: int, scale: torch.Tensor) -> Iterator[None]:
         """Multiply one layer's queries per head by ``scale`` ([H], or [B, H] per batch row).
 
@@ -496,6 +546,18 @@ def _select_positions(z: torch.Tensor, positions) -> torch.Tensor:
     if isinstance(positions, slice):
         return z[:, positions]
     return z[:, list(positions)]
+
+
+def _load_processor(source: str, config):
+    """The processor of an image-text model folder (None for text models or when it has none)."""
+    if not hasattr(config, "vision_config"):
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, TypeError, ImportError):
+        return None
 
 
 def _auto_class(config):

@@ -165,12 +165,23 @@ def massive_activations(hm: HeadModel, texts, threshold: float = 100.0, ratio: f
         states = hidden_states(hm, ids)
         tokens = _token_strings(hm, ids)
         for layer, h in enumerate(states):
-            mag = h.abs()
-            hits = (mag > threshold) & (mag > ratio * mag.median())
-            for pos, dim in hits.nonzero().tolist():
+            for pos, dim in massive_mask(h, threshold, ratio).nonzero().tolist():
                 rows.append({"text": t, "layer": layer, "position": pos, "token": tokens[pos], "dim": dim,
                              "value": float(h[pos, dim])})
     return pd.DataFrame(rows, columns=["text", "layer", "position", "token", "dim", "value"])
+
+
+def massive_mask(h: torch.Tensor, threshold: float = 100.0, ratio: float = 1000.0) -> torch.Tensor:
+    """Bool like ``h`` [N, d]: |h| > threshold and > ratio x the median |h| of that hidden state."""
+    mag = h.abs()
+    return (mag > threshold) & (mag > ratio * mag.median())
+
+
+def sink_scores(h: torch.Tensor, dims) -> torch.Tensor:
+    """VAR's phi(h) = |h / sqrt(mean(h^2) + 1e-6)|, max over the massive ``dims``: [..., N]."""
+    h = h.float()
+    phi = (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+    return phi[..., list(dims)].max(-1).values
 
 
 def massive_dims(massive: pd.DataFrame) -> list[int]:
@@ -188,12 +199,9 @@ def visual_sinks(hm: HeadModel, ids: Sequence[int], dims: Sequence[int], tau: fl
     if not len(dims):
         raise HeadscopeError("no massive dims given: run massive_activations first (or lower its thresholds)")
     states = hidden_states(hm, ids, **model_inputs)
-    dims = torch.tensor(list(dims))
     out = {}
     for layer in range(first_layer, hm.geometry.n_layers):
-        h = states[layer]
-        phi = (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
-        out[layer] = (phi[:, dims].max(-1).values > tau).nonzero().flatten().tolist()
+        out[layer] = (sink_scores(states[layer], dims) > tau).nonzero().flatten().tolist()
     return out
 
 

@@ -2,6 +2,10 @@
 
     headscope generate --model M --prompt "..." [--ablate r.csv --top K | --scale r.csv --top K --alpha A
                        | --decore r.csv --top K] [--max-new-tokens N]
+    headscope generate --model M --image I --prompt "USER: <image> ..." [--vhr vhd.csv] [--var] [--edits e.json]
+
+The edit flags (``--edits``, ``--vhr``, ``--var``: ``headscope.commands.edit_flags``) compose with
+--ablate / --scale.
 
 The last line printed is the generated continuation.
 """
@@ -12,6 +16,7 @@ import argparse
 
 import torch
 
+from headscope.commands import edit_flags
 from headscope.errors import HeadscopeError
 
 NAME = "generate"
@@ -20,7 +25,8 @@ HELP = "generate from a prompt, optionally with heads ablated, scaled, or DeCoRe
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="retrieval", help="shipped organism, local folder or hub id")
-    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--prompt", required=True, help="the prompt text (with an image model: holding <image>)")
+    parser.add_argument("--image", default=None, help="image file (PNG/JPEG) for an image-text model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -35,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --ablate/--scale: edit the prompt, the generated tokens, or both")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0)
+    edit_flags.add_arguments(parser)
 
 
 def run(args) -> int:
@@ -53,12 +60,22 @@ def run(args) -> int:
     hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; generate needs one to encode the prompt")
-    ids = torch.tensor([hm.tokenizer(args.prompt)["input_ids"]], device=hm.device)
+    if args.image is not None:
+        from headscope import vision
+
+        inputs = vision.encode(hm, [args.image], [args.prompt])
+    else:
+        inputs = {"input_ids": torch.tensor([hm.tokenizer(args.prompt)["input_ids"]], device=hm.device)}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    ids = inputs["input_ids"]
+    flagged = edit_flags.build_edits(args, hm)
     heads = hm.check_heads(HeadScores.from_csv(getattr(args, chosen[0])).top(args.top)) if chosen else []
     tok = hm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     torch.manual_seed(args.seed)
     if chosen == ["decore"]:
+        if flagged or args.image is not None:
+            raise HeadscopeError("--decore runs its own decoding loop on text prompts; drop --image/--vhr/--var/--edits")
         print(f"DeCoRe, masking {heads}")
         out = decore_generate(hm, ids, heads, max_new_tokens=args.max_new_tokens, alpha=args.decore_alpha,
                               do_sample=args.sample, generator=torch.Generator(hm.device).manual_seed(args.seed),
@@ -71,8 +88,11 @@ def run(args) -> int:
         elif chosen == ["scale"]:
             edits = [Edit("scale", heads, strength=args.alpha, scope=args.scope)]
             print(f"scaling by {args.alpha:g} ({args.scope}) {heads}")
-        with torch.no_grad(), intervene(hm, edits):
-            out = hm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                    do_sample=args.sample, pad_token_id=pad)
+        for edit in flagged:
+            print(f"edit: {edit.kind} on {len(edit.heads) or 'all'} heads, strength {edit.strength}"
+                  + (f", options {edit.options}" if edit.options else ""))
+        with torch.no_grad(), intervene(hm, edits + flagged):
+            out = hm.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                    pad_token_id=pad)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0

@@ -19,6 +19,11 @@ Kinds (METHODS.md, "Interventions"), with strength ``s`` and the head's output z
 - ``uniform``: q' = (1 - s) q                      s = 1: query 0, uniform attention over the causal
   prefix (DeCoRe's masking, Gema et al. 2024)
 
+Kinds defined in their own modules (``KIND_MODULES``: ``var``, Kang et al. 2025, in
+``headscope.interventions.var``) carry their parameters in ``options`` (a JSON dict) and reach
+``intervene``, ``generate`` and ``eval`` through the same path: the module's ``apply(hm, edit, state)``
+context manager. A new method adds one line to ``KIND_MODULES``.
+
 ``strength`` may be a float, a per-head list, or a torch tensor (scalar or one per head) that
 requires grad: every edit is differentiable in its strength.
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import weakref
 import json
 import os
@@ -50,7 +56,9 @@ from headscope.errors import HeadscopeError
 Head = tuple[int, int]
 Z_KINDS = ("zero", "mean", "patch", "scale")
 Q_KINDS = ("query_scale", "uniform")
-KINDS = Z_KINDS + Q_KINDS
+# kind -> module defining DEFAULT_STRENGTH, check(edit) and apply(hm, edit, state) (a context manager)
+KIND_MODULES = {"var": "headscope.interventions.var"}
+KINDS = Z_KINDS + Q_KINDS + tuple(KIND_MODULES)
 ALIASES = {"resample": "patch", "ablate": "zero", "reweight": "scale"}
 DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "query_scale": 1e-4, "uniform": 1.0}
 SCOPES = ("both", "prefill", "decode")
@@ -72,6 +80,7 @@ class Edit:
     positions: str | tuple[int, int] = "all"
     scope: str = "both"
     source: list | None = field(default=None, repr=False)  # token ids [B][S]: reference (mean) / source (patch)
+    options: dict | None = None  # parameters of a KIND_MODULES kind (JSON values)
 
     def __post_init__(self):
         kind = ALIASES.get(self.kind, self.kind)
@@ -83,7 +92,7 @@ class Edit:
         except (TypeError, ValueError):
             raise HeadscopeError(f"heads must be (layer, head) pairs of integers; got {self.heads!r}") from None
         if self.strength is None:
-            self.strength = DEFAULT_STRENGTH[kind]
+            self.strength = DEFAULT_STRENGTH[kind] if kind in DEFAULT_STRENGTH else kind_module(kind).DEFAULT_STRENGTH
         if isinstance(self.strength, (list, tuple)):
             self.strength = [float(x) for x in self.strength]
         n = _numel(self.strength)
@@ -111,6 +120,11 @@ class Edit:
             self.source = _as_rows(self.source)
         elif self.source is not None:
             raise HeadscopeError(f"a {kind} edit takes no source; only mean and patch edits do")
+        if kind in KIND_MODULES:
+            self.options = dict(self.options or {})
+            kind_module(kind).check(self)
+        elif self.options:
+            raise HeadscopeError(f"a {kind} edit takes no options; only {', '.join(KIND_MODULES)} edits do")
 
     # ---------------------------------------------------------------- data
     def to_dict(self) -> dict:
@@ -121,18 +135,19 @@ class Edit:
             "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
             "scope": self.scope,
             "source": self.source,
+            **({"options": self.options} if self.options else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Edit":
-        unknown = set(data) - {"kind", "heads", "strength", "positions", "scope", "source"}
+        unknown = set(data) - {"kind", "heads", "strength", "positions", "scope", "source", "options"}
         if unknown or "kind" not in data or "heads" not in data:
             raise HeadscopeError(f"an edit needs 'kind' and 'heads' and no other keys than strength, positions, "
-                                 f"scope, source; got keys {sorted(data)}")
+                                 f"scope, source, options; got keys {sorted(data)}")
         positions = data.get("positions", "all")
         return cls(data["kind"], data["heads"], data.get("strength"),
                    tuple(positions) if isinstance(positions, list) else positions,
-                   data.get("scope", "both"), data.get("source"))
+                   data.get("scope", "both"), data.get("source"), data.get("options"))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Edit) and self.to_dict() == other.to_dict()
@@ -145,6 +160,11 @@ class Edit:
         s = self.strength if isinstance(self.strength, torch.Tensor) else torch.tensor(self.strength, dtype=dtype)
         s = s.to(device=device, dtype=dtype)
         return s.reshape(-1).expand(len(self.heads)) if s.numel() == 1 else s
+
+
+def kind_module(kind: str):
+    """The module implementing an edit kind listed in KIND_MODULES."""
+    return importlib.import_module(KIND_MODULES[kind])
 
 
 def _numel(strength) -> int:
@@ -337,6 +357,8 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
             if e.kind in Q_KINDS:
                 for layer in sorted({l for l, _ in e.heads}):
                     stack.enter_context(hm.scale_queries(layer, q_scale(layer, e)))
+            elif e.kind in KIND_MODULES:
+                stack.enter_context(kind_module(e.kind).apply(hm, e, state))
         yield
 
 

@@ -1,0 +1,123 @@
+"""Edits from command-line flags, shared by ``headscope generate`` and ``headscope eval``.
+
+Every flag turns into :class:`~headscope.interventions.Edit` data (the same data and JSON that
+``save_edits`` writes) and all of them reach the model through one ``intervene(hm, edits)``. A new
+method adds one :class:`EditFlag` to ``EDIT_FLAGS``; generate and eval need no change::
+
+    --edits FILE          any saved edits (save_edits JSON)
+    --vhr CSV             VHR (He et al. 2025): scale the VHD-selected heads by --alpha [2.0]
+      --random-heads      ... on random heads, the same count per layer (eval: --draws N --seed S)
+    --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, --var-tau)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+from headscope.errors import HeadscopeError
+
+
+@dataclass(frozen=True)
+class EditFlag:
+    add: Callable[[argparse.ArgumentParser], None]
+    build: Callable  # (args, hm, rng: random.Random | None) -> list[Edit]; [] when the flag is not given
+
+
+def _add_file(parser):
+    parser.add_argument("--edits", metavar="JSON", help="apply the edits in this file (written by save_edits)")
+
+
+def _build_file(args, hm, rng):
+    from headscope.interventions import load_edits
+
+    return load_edits(args.edits) if getattr(args, "edits", None) else []
+
+
+def _add_vhr(parser):
+    parser.add_argument("--vhr", metavar="CSV", help="VHR: multiply the z of the heads this VHD ranking selects "
+                        "(above their layer's median in its layers) by --alpha (He et al. 2025)")
+    parser.add_argument("--vhr-layers", default=None, help="with --vhr: comma-separated layers (default: the CSV's)")
+    parser.add_argument("--random-heads", action="store_true",
+                        help="with --vhr: random heads instead, the same count per layer (control)")
+    if not any(a.dest == "alpha" for a in parser._actions):
+        parser.add_argument("--alpha", type=float, default=2.0, help="with --vhr: the factor on z [2.0]")
+
+
+def check_alpha(alpha: float) -> float:
+    if not math.isfinite(alpha) or alpha == 0:
+        raise HeadscopeError(f"--alpha must be a finite non-zero factor (VHR's default is 2.0); got {alpha}")
+    return alpha
+
+
+def _build_vhr(args, hm, rng):
+    if not getattr(args, "vhr", None):
+        if getattr(args, "random_heads", False):
+            raise HeadscopeError("--random-heads needs --vhr CSV (it draws as many heads per layer as VHR selects)")
+        return []
+    from headscope.analyzers.vision import random_like, select_heads
+    from headscope.interventions import Edit
+    from headscope.scores import HeadScores
+
+    scores = HeadScores.from_csv(args.vhr)
+    layers = [int(x) for x in args.vhr_layers.split(",")] if args.vhr_layers else None
+    heads = hm.check_heads(select_heads(scores, layers))
+    if not heads:
+        raise HeadscopeError(f"{args.vhr} selects no heads (none above its layer median); check --vhr-layers")
+    if args.random_heads:
+        heads = random_like(heads, hm.geometry.n_heads, rng or random.Random(args.seed))
+    return [Edit("scale", heads, strength=check_alpha(args.alpha))]
+
+
+def _add_var(parser):
+    parser.add_argument("--var", action="store_true",
+                        help="VAR: move attention off sink tokens onto the rest of the image (Kang et al. 2025)")
+    parser.add_argument("--var-p", type=float, default=0.6, help="with --var: factor on sink weights [0.6]")
+    parser.add_argument("--var-rho", type=float, default=0.5, help="with --var: max sink share of image attention [0.5]")
+    parser.add_argument("--var-tau", type=float, default=20.0, help="with --var: visual-sink threshold on phi [20]")
+
+
+def _build_var(args, hm, rng):
+    if not getattr(args, "var", False):
+        return []
+    from headscope import vision
+    from headscope.interventions.var import var_edit
+
+    vision.require_vision(hm, "--var")
+    batch = calibration_inputs(hm)
+    return [var_edit(hm, batch, p=args.var_p, rho=args.var_rho, tau=args.var_tau)]
+
+
+def calibration_inputs(hm) -> dict:
+    """A mid-grey image under a bare image prompt: where the massive-activation search for VAR looks
+    (massive dims are a property of the model, found on any input; Sun et al. 2024)."""
+    from PIL import Image
+
+    from headscope import vision
+
+    return vision.encode(hm, [Image.new("RGB", (224, 224), (128, 128, 128))], [vision.placeholder(hm)])
+
+
+EDIT_FLAGS: list[EditFlag] = [EditFlag(_add_file, _build_file), EditFlag(_add_vhr, _build_vhr),
+                              EditFlag(_add_var, _build_var)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag in EDIT_FLAGS:
+        flag.add(parser)
+
+
+def build_edits(args, hm, rng: random.Random | None = None) -> list:
+    """The edits the flags ask for, in flag order (they compose)."""
+    edits = []
+    for flag in EDIT_FLAGS:
+        edits += flag.build(args, hm, rng)
+    return edits
+
+
+def is_random(args) -> bool:
+    """Whether the edits are a random control to average over --draws."""
+    return bool(getattr(args, "random_heads", False))

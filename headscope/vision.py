@@ -1,0 +1,202 @@
+"""Image-text inputs for vision-language models (LLaVA and other image-text-to-text families).
+
+Where the image sits in each prompt of a batch comes from the config's image token id (the
+processor expands one ``<image>`` placeholder into as many image tokens as the vision tower makes),
+never from a fixed position. Named key groups per prompt:
+
+- ``image``: positions holding image tokens;
+- ``text_after_image``: real (non-padding) tokens after the last image token;
+- ``text_before_image``: real tokens before the first image token;
+- ``sinks``: from VAR's visual-sink test (``headscope.interventions.var``), not here.
+
+Images are read with PIL only (slow image processors; no torchvision needed)::
+
+    batch = encode(hm, [load_image("cat.png")], ["USER: <image>\\nDescribe the image. ASSISTANT:"])
+    groups = token_groups(hm, batch["input_ids"], batch["attention_mask"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from headscope.errors import HeadscopeError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def image_token_id(config) -> int | None:
+    """The id of the image placeholder token in input_ids (``image_token_id`` / ``image_token_index``)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def is_vision_model(hm) -> bool:
+    return hasattr(hm.model.config, "vision_config") and image_token_id(hm.model.config) is not None
+
+
+def require_vision(hm, what: str) -> int:
+    """The image token id, or a clear error for a text-only model."""
+    token = image_token_id(hm.model.config)
+    if not hasattr(hm.model.config, "vision_config") or token is None:
+        raise HeadscopeError(
+            f"{what} needs a vision-language model (e.g. LlavaForConditionalGeneration) with an image token; "
+            f"{hm.name} ({type(hm.model).__name__}) is text-only. Pass --model with an image-text model folder"
+        )
+    return token
+
+
+# ----------------------------------------------------------------------------------- files
+def load_image(path: str | Path):
+    """An RGB PIL image, or a clear error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeadscopeError(f"image {path} does not exist; pass a PNG or JPEG file")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise HeadscopeError(f"cannot read image {path} ({type(exc).__name__}); pass a valid PNG or JPEG file") from None
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HeadscopeError(f"--images {folder} is not a folder; pass a folder of PNG/JPEG files")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise HeadscopeError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_pairs(prompts_file: str | Path, images_dir: str | Path) -> list[tuple[Path, str]]:
+    """(image path, prompt) pairs: a JSONL file with ``prompt`` and ``image`` columns (image relative
+    to the folder), or plain text with one prompt per line, paired with every image of the folder."""
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise HeadscopeError(f"prompts file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise HeadscopeError(f"prompts file {path} is empty; give one prompt per line")
+    if path.suffix == ".jsonl":
+        from headscope.data import read_jsonl
+
+        pairs = []
+        hint = 'each line should be {"image": "file.png", "prompt": "... <image> ..."}'
+        for lineno, row in read_jsonl(path, "prompts file", hint):
+            if not isinstance(row, dict) or "prompt" not in row or "image" not in row:
+                raise HeadscopeError(f"{path}:{lineno} lacks a 'prompt' or 'image' column; {hint}")
+            pairs.append((Path(images_dir) / row["image"], str(row["prompt"])))
+        return pairs
+    return [(image, prompt) for image in image_files(images_dir) for prompt in lines]
+
+
+# ----------------------------------------------------------------------------------- encoding
+def placeholder(hm) -> str:
+    processor = getattr(hm, "processor", None)
+    return getattr(processor, "image_token", None) or "<image>"
+
+
+def encode(hm, images: Sequence, prompts: Sequence[str]) -> dict:
+    """Processor outputs for (image, prompt) pairs, left-padded (for generation), on the model's device.
+
+    Each prompt must hold the image placeholder once (e.g. ``<image>`` for LLaVA)."""
+    require_vision(hm, "image inputs")
+    processor = getattr(hm, "processor", None)
+    if processor is None:
+        raise HeadscopeError(f"{hm.name} was loaded without a processor; load the model folder with "
+                             "HeadModel.load(folder) where the folder holds processor_config.json")
+    if len(images) != len(prompts):
+        raise HeadscopeError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+    mark = placeholder(hm)
+    for prompt in prompts:
+        if prompt.count(mark) != 1:
+            raise HeadscopeError(f"prompt {prompt[:60]!r} must contain the image placeholder {mark!r} exactly once; "
+                                 f"add it where the image goes, e.g. 'USER: {mark}\\nDescribe the image. ASSISTANT:'")
+    images = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    return {k: v.to(hm.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def image_mask(hm, input_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, N]: True where input_ids holds the image token."""
+    return torch.as_tensor(input_ids) == require_vision(hm, "image positions")
+
+
+def token_groups(hm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Bool [B, N] masks per prompt: ``image``, ``text_after_image``, ``text_before_image``."""
+    image = image_mask(hm, input_ids)
+    real = torch.ones_like(image) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+    pos = torch.arange(image.shape[1], device=image.device).expand_as(image)
+    big = image.shape[1]
+    last = torch.where(image, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
+    first = torch.where(image, pos, torch.full_like(pos, big)).amin(1, keepdim=True)
+    return {
+        "image": image,
+        "text_after_image": real & (pos > last) & (last >= 0),
+        "text_before_image": real & (pos < first),
+    }
+
+
+def key_groups(hm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               names: Sequence[str] = ("image", "text_after_image")) -> torch.Tensor:
+    """Int [B, N] group ids for ``attention_stats(key_groups=...)``: i for the i-th name, -1 elsewhere."""
+    masks = token_groups(hm, input_ids, attention_mask)
+    unknown = [n for n in names if n not in masks]
+    if unknown:
+        raise HeadscopeError(f"unknown key group(s) {unknown}; choose from {sorted(masks)}")
+    groups = torch.full(masks["image"].shape, -1, dtype=torch.long, device=masks["image"].device)
+    for i, name in enumerate(names):
+        groups[masks[name] & (groups < 0)] = i
+    return groups
+
+
+def without_image(hm, batch: dict) -> dict:
+    """The same prompts with the image tokens spliced out (and no pixel inputs), left-padded again:
+    VHD's text-only forward (He et al. 2025)."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    keep = ~image_mask(hm, ids)
+    if mask is not None:
+        keep &= mask.bool()
+    rows = [ids[b][keep[b]] for b in range(ids.shape[0])]
+    n = max(len(r) for r in rows)
+    pad = pad_id(hm)
+    out_ids = torch.full((len(rows), n), pad, dtype=ids.dtype, device=ids.device)
+    out_mask = torch.zeros((len(rows), n), dtype=torch.long, device=ids.device)
+    for b, r in enumerate(rows):
+        out_ids[b, n - len(r):] = r
+        out_mask[b, n - len(r):] = 1
+    return {"input_ids": out_ids, "attention_mask": out_mask}
+
+
+def with_positions(hm, batch: dict) -> dict:
+    """Left-padded inputs with position ids counted from each row's first real token (what generate()
+    does), so a padded row computes what it computes alone. Families with their own multi-axis
+    positions (Qwen2-VL's M-RoPE) compute them from the mask themselves and are left as they are."""
+    mask = batch.get("attention_mask")
+    if mask is None or "position_ids" in batch or bool(mask.all()) or "qwen" in hm.model.config.model_type:
+        return batch
+    return dict(batch, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0))
+
+
+def pad_id(hm) -> int:
+    tok = hm.tokenizer
+    if tok is not None:
+        for value in (tok.pad_token_id, tok.eos_token_id):
+            if value is not None:
+                return int(value)
+    return 0
+
