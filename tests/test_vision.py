@@ -189,3 +189,83 @@ def test_cli_vhd_score_generate_and_errors(llava_path, tmp_path, capsys):
     assert main(["score", "--task", "vhd", "--model", "retrieval", "--images", str(folder), "--prompts",
                  str(prompts)]) == 2
     assert "needs a vision-language model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- the other analyzers on a VLM
+def test_head_pursuit_over_image_tokens(hm):
+    from headscope.analyzers.pursuit import concept_token_ids
+    from headscope.analyzers.vision import image_head_pursuit, image_head_writes
+
+    imgs = images(3)
+    writes = image_head_writes(hm, imgs, PROMPTS, batch_size=2)
+    # hand: z at the image positions of sample 1 (alone), mean, times that head's slice of o_proj
+    batch = vision.encode(hm, imgs[1:2], PROMPTS[1:2])
+    layer, head = 2, 3
+    o_proj = hm.model.model.language_model.layers[layer].self_attn.o_proj
+    seen = {}
+    handle = o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0].clone()))
+    try:
+        with torch.no_grad():
+            hm.model(**batch)
+    finally:
+        handle.remove()
+    g = hm.geometry
+    z = seen["z"][0].view(-1, g.n_heads, g.head_dim)[vision.image_mask(hm, batch["input_ids"])[0], head].mean(0)
+    hand = z @ o_proj.weight[:, head * g.head_dim:(head + 1) * g.head_dim].T
+    torch.testing.assert_close(writes[1, layer, head], hand, atol=1e-5, rtol=1e-5)
+    concept = concept_token_ids(hm.tokenizer, ["red", "green", "blue"])
+    scores = image_head_pursuit(hm, imgs, PROMPTS, concept, k=2)
+    assert scores.scores.shape == (3, 8) and ((scores.scores >= 0) & (scores.scores <= 1 + 1e-6)).all()
+
+
+def test_visual_sinks_from_massive_dims_on_image_tokens(llava_path, tmp_path):
+    """A massive activation planted on one hidden dim of every image token (through the projector):
+    the massive-activation search finds that dim, the sink analyzer marks the image tokens as visual
+    sinks, and VAR finds the same sinks at prefill."""
+    import transformers as tf
+
+    from headscope.analyzers.sinks import visual_sinks
+    from headscope.interventions import Edit
+    from headscope.interventions.var import apply, massive_dims
+
+    model = tf.LlavaForConditionalGeneration.from_pretrained(llava_path)
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.bias[7] = 5000.0
+    model.save_pretrained(tmp_path / "massive")
+    tf.AutoProcessor.from_pretrained(llava_path).save_pretrained(tmp_path / "massive")
+    hm = HeadModel.load(tmp_path / "massive")
+    batch = vision.encode(hm, images(1), PROMPTS[:1])
+    dims = massive_dims(hm, batch)
+    assert dims == [7]
+    image = vision.image_mask(hm, batch["input_ids"])[0]
+    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    # phi is at most sqrt(d_model) = 8 here (64 on a 4096-wide LLaVA), so tau 20 is out of reach: 4
+    sinks = visual_sinks(hm, batch["input_ids"][0].tolist(), dims, tau=4.0, first_layer=1, **inputs)
+    assert sinks[1] and set(sinks[1]) <= set(image.nonzero().flatten().tolist())
+    with torch.no_grad(), apply(hm, Edit("var", [], options={"dims": dims, "tau": 4.0, "first_layer": 1})) as run:
+        hm.model(**batch)
+    found = run.sinks[1][0] & image
+    assert found.nonzero().flatten().tolist() == sinks[1]
+
+
+def test_attention_on_image_and_text_after_image_equals_eager(hm, llava_path):
+    """Retrieval statistics over the prompt's parts: per head, the mass on image tokens and on the
+    text after the image, and the top-1 key, from the streamed pass = eager attention (batch 2,
+    left-padded)."""
+    import transformers as tf
+
+    batch = vision.encode(hm, images(2), PROMPTS[:2])
+    groups = vision.key_groups(hm, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad(), hm.attention_stats(["group_mass", "top1"], key_groups=groups, num_groups=2) as rec:
+        hm.model(**vision.with_positions(hm, batch))
+    eager = tf.LlavaForConditionalGeneration.from_pretrained(llava_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = eager(**vision.with_positions(hm, batch), output_attentions=True).attentions  # L x [B, H, N, N]
+    real = batch["attention_mask"].bool()
+    for layer, A in enumerate(att):
+        for g_id in (0, 1):
+            expected = (A * (groups == g_id)[:, None, None, :]).sum(-1)  # [B, H, N]
+            got = rec.group_mass()[layer, ..., g_id]
+            torch.testing.assert_close(got.permute(0, 2, 1)[real], expected.permute(0, 2, 1)[real], atol=1e-5, rtol=0)
+        last = rec.top1_index()[layer][..., -1]
+        assert torch.equal(last, A[..., -1, :].argmax(-1))

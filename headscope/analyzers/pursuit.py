@@ -125,10 +125,15 @@ def head_pursuit(hm: HeadModel, prompts: Sequence[Sequence[int]], concept_ids: S
     """Rank heads by the EVR of SOMP over the concept's unembedding rows (Basile et al. 2025)."""
     if len(prompts) < 2:
         raise HeadscopeError("head pursuit centres the signal over samples: give at least 2 prompts")
+    return pursuit_scores(hm, head_writes(hm, prompts, progress=progress), concept_ids, k, normalize)
+
+
+def pursuit_scores(hm: HeadModel, X: torch.Tensor, concept_ids: Sequence[int], k: int = 50,
+                   normalize: bool = False) -> HeadScores:
+    """SOMP EVR per head from head writes X [n_samples, L, H, d_model] (see :func:`head_writes`)."""
     if not len(concept_ids):
         raise HeadscopeError("the concept dictionary is empty")
     dictionary = unembedding(hm)[list(concept_ids)]
-    X = head_writes(hm, prompts, progress=progress)  # [n, L, H, d]
     g = hm.geometry
     scores = torch.zeros(g.n_layers, g.n_heads)
     atoms: dict[str, list[int]] = {}
@@ -137,7 +142,7 @@ def head_pursuit(hm: HeadModel, prompts: Sequence[Sequence[int]], concept_ids: S
         scores[layer, head] = evr
         atoms[f"{layer},{head}"] = [int(concept_ids[i]) for i in chosen[:5]]
     result = HeadScores(scores, method="head_pursuit", model=hm.name,
-                        params={"k": min(k, len(concept_ids)), "normalize": normalize, "samples": len(prompts),
+                        params={"k": min(k, len(concept_ids)), "normalize": normalize, "samples": int(X.shape[0]),
                                 "concept_tokens": len(concept_ids)})
     result.atoms = atoms  # first chosen token ids per head
     return result

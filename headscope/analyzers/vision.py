@@ -137,3 +137,38 @@ def token_vhd(hm: HeadModel, image, prompt: str, max_new_tokens: int = 16, top_k
     tokens = hm.tokenizer.convert_ids_to_tokens(new[0].tolist()) if hm.tokenizer is not None else new[0].tolist()
     return pd.DataFrame({"step": range(len(rows_img)), "token_id": new[0].tolist(), "token": tokens,
                          "t_vhd": value.cpu().numpy()})
+
+
+# ----------------------------------------------------------------------------------- head pursuit
+@torch.no_grad()
+def image_head_writes(hm: HeadModel, images: Sequence, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+    """[n, L, H, d_model]: each head's write z @ W_O averaged over the sample's image tokens (Basile et
+    al. 2025's signal for a VLM)."""
+    from headscope.analyzers.pursuit import output_weights
+
+    g = hm.geometry
+    weights = [output_weights(hm, layer).float() for layer in range(g.n_layers)]
+    rows = []
+    for start in range(0, len(images), batch_size):
+        batch = vision.encode(hm, images[start:start + batch_size], prompts[start:start + batch_size])
+        image = vision.image_mask(hm, batch["input_ids"]).float()  # [B, N]
+        with hm.capture_z() as cap:
+            hm.model(**vision.with_positions(hm, batch))
+        per_layer = []
+        for layer in range(g.n_layers):
+            z = cap.z[layer].float()  # [B, N, H, d]
+            mean_z = torch.einsum("bn,bnhd->bhd", image, z) / image.sum(1).clamp_min(1).view(-1, 1, 1)
+            per_layer.append(torch.einsum("bhd,hdm->bhm", mean_z, weights[layer].to(z.device)))
+        rows.append(torch.stack(per_layer, 1).cpu())
+    return torch.cat(rows)
+
+
+def image_head_pursuit(hm: HeadModel, images: Sequence, prompts: Sequence[str], concept_ids: Sequence[int],
+                       k: int = 50, normalize: bool = False) -> HeadScores:
+    """Head pursuit over image tokens: SOMP EVR per head of the image-token writes against the
+    concept's unembedding rows (Basile et al. 2025)."""
+    from headscope.analyzers.pursuit import pursuit_scores
+
+    if len(images) < 2:
+        raise HeadscopeError("head pursuit centres the signal over samples: give at least 2 images")
+    return pursuit_scores(hm, image_head_writes(hm, images, prompts), concept_ids, k, normalize)
