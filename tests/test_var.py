@@ -48,7 +48,8 @@ class Reference:
             if layer >= self.opts["first_layer"] and h.shape[1] == self.image.shape[1]:
                 sinks = sink_scores(h, self.opts["dims"]) > self.opts["tau"]
                 first = self.real.long().argmax(1)
-                sinks[torch.arange(len(first)), first] = True
+                rows = torch.arange(len(first))
+                sinks[rows, first] |= ~self.image[rows, first]  # BOS, unless the prompt starts with the image
                 self.sinks[layer] = sinks & self.real
         return hook
 

@@ -8,7 +8,8 @@ heads) does, in every layer from ``first_layer`` [2] on:
    phi(h_j) = |h_j / sqrt(mean(h_j^2) + 1e-6)| > tau [20], h_j the layer's residual input. The
    dims come from the massive-activation analysis of that model (:func:`var_edit`), never a fixed
    list. Image tokens that pass are visual sinks; text tokens that pass are text sinks, and the
-   first real token (BOS) counts as a text sink [``first_token_sink``: True].
+   first real token (BOS) counts as a text sink [``first_token_sink``: True] unless it is an image
+   token.
 2. Image-centric (head, query) rows: queries after the image at prefill and the new token at each
    decode step, whose attention share on visual sinks within the image is <= rho [0.5] and whose
    total image attention is >= ``min_image_mass`` [0.2].
@@ -127,9 +128,10 @@ class _Run:
         sinks = torch.zeros_like(self.image)
         if dims:
             sinks = sink_scores(hidden, dims) > self.opts["tau"]
-        if self.opts["first_token_sink"]:
+        if self.opts["first_token_sink"]:  # the first real token (BOS), unless the prompt starts with the image
             first = self.real.long().argmax(1)
-            sinks[torch.arange(sinks.shape[0], device=sinks.device), first] = True
+            rows = torch.arange(sinks.shape[0], device=sinks.device)
+            sinks[rows, first] |= ~self.image[rows, first]
         self.sinks[layer] = sinks & self.real
 
     # ------------------------------------------------------------------ the attention edit
