@@ -269,3 +269,27 @@ def test_attention_on_image_and_text_after_image_equals_eager(hm, llava_path):
             torch.testing.assert_close(got.permute(0, 2, 1)[real], expected.permute(0, 2, 1)[real], atol=1e-5, rtol=0)
         last = rec.top1_index()[layer][..., -1]
         assert torch.equal(last, A[..., -1, :].argmax(-1))
+
+
+def test_vhr_generate_prefill_choice_and_reselection(hm):
+    from headscope.analyzers.vision import default_layers, vhr_generate
+    from headscope.interventions import Edit, intervene
+    from headscope.scores import HeadScores
+
+    image = images(1)[0]
+    fixed, heads = vhr_generate(hm, image, PROMPTS[0], max_new_tokens=3)
+    batch = vision.encode(hm, [image], PROMPTS[:1])
+    vhd, txt = head_divergence(hm, batch)
+    expected = select_heads(HeadScores(outlier_filter(vhd[0], txt[0]), method="vhd",
+                                       params={"layers": default_layers(3)}))
+    assert heads[0] == expected and all(h == expected for h in heads)
+    again, steps = vhr_generate(hm, image, PROMPTS[0], max_new_tokens=3, reselect=True)
+    assert steps[0] == expected and len(steps) == len(again)
+    # step 1's heads: VHD of the prompt plus the first generated token
+    ids = torch.cat([batch["input_ids"], again[:1].view(1, 1)], dim=1)
+    vhd, txt = head_divergence(hm, dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids)))
+    assert steps[1] == select_heads(HeadScores(outlier_filter(vhd[0], txt[0]), method="vhd",
+                                               params={"layers": default_layers(3)}))
+    assert int(again[0]) == int(fixed[0])  # the first token uses the same prefill heads
+    with pytest.raises(HeadscopeError, match="alpha must be a finite non-zero"):
+        vhr_generate(hm, image, PROMPTS[0], alpha=0.0)
