@@ -18,9 +18,11 @@ TASK_MODULES = [
     "headscope.commands.safety", "headscope.commands.refusal",
     "headscope.commands.sinks", "headscope.commands.pursuit", "headscope.commands.circuit", "headscope.commands.classic",
     "headscope.commands.context_conflict", "headscope.commands.vhd",
+    "headscope.commands.icl",
 ]
 
 COMMAND_MODULES: list[str] = [
     "headscope.commands.overlap",
     "headscope.commands.generate",
+    "headscope.commands.inject",
 ]

@@ -8,6 +8,7 @@ method adds one :class:`EditFlag` to ``EDIT_FLAGS``; generate and eval need no c
     --vhr CSV             VHR (He et al. 2025): scale the VHD-selected heads by --alpha [2.0]
       --random-heads      ... on random heads, the same count per layer (eval: --draws N --seed S)
     --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, --var-tau)
+    --inject FILE         soft injection (Park & Rhee 2025): a task embedding from `headscope inject fit`
 """
 
 from __future__ import annotations
@@ -101,8 +102,23 @@ def calibration_inputs(hm) -> dict:
     return vision.encode(hm, [Image.new("RGB", (224, 224), (128, 128, 128))], [vision.placeholder(hm)])
 
 
+def _add_inject(parser):
+    parser.add_argument("--inject", metavar="FILE", help="soft injection: write this task embedding (headscope inject "
+                        "fit) into the prompt's last token with its learned alphas (Park & Rhee 2025)")
+
+
+def _build_inject(args, hm, rng):
+    if not getattr(args, "inject", None):
+        return []
+    from headscope.interventions.soft_injection import TaskEmbedding
+
+    emb = TaskEmbedding.load(args.inject)
+    emb.check(hm)
+    return [emb.edit()]
+
+
 EDIT_FLAGS: list[EditFlag] = [EditFlag(_add_file, _build_file), EditFlag(_add_vhr, _build_vhr),
-                              EditFlag(_add_var, _build_var)]
+                              EditFlag(_add_var, _build_var), EditFlag(_add_inject, _build_inject)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

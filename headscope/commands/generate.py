@@ -1,10 +1,10 @@
-"""``headscope generate``: generate text with heads ablated, reweighted, or with DeCoRe decoding.
+"""``headscope generate``: generate text with heads ablated, reweighted, a task embedding injected, or with DeCoRe decoding.
 
     headscope generate --model M --prompt "..." [--ablate r.csv --top K | --scale r.csv --top K --alpha A
                        | --decore r.csv --top K] [--max-new-tokens N]
     headscope generate --model M --image I --prompt "USER: <image> ..." [--vhr vhd.csv] [--var] [--edits e.json]
 
-The edit flags (``--edits``, ``--vhr``, ``--var``: ``headscope.commands.edit_flags``) compose with
+The edit flags (``--edits``, ``--vhr``, ``--var``, ``--inject``: ``headscope.commands.edit_flags``) compose with
 --ablate / --scale.
 
 The last line printed is the generated continuation.

@@ -14,6 +14,8 @@ Kinds (METHODS.md, "Interventions"), with strength ``s`` and the head's output z
 - ``mean``:    z' = z + s (mean - z)               mean of z over a reference dataset (cached)
 - ``patch``:   z' = z + s (z_source - z)           z of another input at the same positions
   (``resample`` is an alias)
+- ``inject``:  z' = z + s (m - z) = (1 - s) z + s m   m a given vector per head, ``source`` [L, H, d]:
+  soft injection of a task embedding, s = alpha (Park & Rhee 2025; headscope.interventions.soft_injection)
 - ``scale``:   z' = s z                            reweighting; negative s allowed [2.0, VHR]
 - ``query_scale``: q' = s q                        Ships ablation, s = eps [1e-4] (Zhou et al. 2024)
 - ``uniform``: q' = (1 - s) q                      s = 1: query 0, uniform attention over the causal
@@ -54,13 +56,13 @@ import torch
 from headscope.errors import HeadscopeError
 
 Head = tuple[int, int]
-Z_KINDS = ("zero", "mean", "patch", "scale")
+Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
 Q_KINDS = ("query_scale", "uniform")
 # kind -> module defining DEFAULT_STRENGTH, check(edit) and apply(hm, edit, state) (a context manager)
 KIND_MODULES = {"var": "headscope.interventions.var"}
 KINDS = Z_KINDS + Q_KINDS + tuple(KIND_MODULES)
 ALIASES = {"resample": "patch", "ablate": "zero", "reweight": "scale"}
-DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "query_scale": 1e-4, "uniform": 1.0}
+DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "inject": 1.0, "query_scale": 1e-4, "uniform": 1.0}
 SCOPES = ("both", "prefill", "decode")
 
 
@@ -79,7 +81,8 @@ class Edit:
     strength: float | list | torch.Tensor | None = None
     positions: str | tuple[int, int] = "all"
     scope: str = "both"
-    source: list | None = field(default=None, repr=False)  # token ids [B][S]: reference (mean) / source (patch)
+    source: list | torch.Tensor | None = field(default=None, repr=False)  # token ids [B][S]: reference (mean) /
+    # source (patch); for inject the vectors m [layers, heads, head_dim]
     options: dict | None = None  # parameters of a KIND_MODULES kind (JSON values)
 
     def __post_init__(self):
@@ -118,6 +121,14 @@ class Edit:
                     "e.g. Edit('%s', heads, source=ids)" % kind
                 )
             self.source = _as_rows(self.source)
+        elif kind == "inject":
+            try:
+                self.source = torch.as_tensor(self.source, dtype=torch.float32).detach()
+            except (TypeError, ValueError, RuntimeError):
+                self.source = None
+            if self.source is None or self.source.dim() != 3:
+                raise HeadscopeError("an inject edit needs source = the vectors to inject, [layers, heads, head_dim] "
+                                     "(e.g. a task embedding from headscope.interventions.soft_injection)")
         elif self.source is not None:
             raise HeadscopeError(f"a {kind} edit takes no source; only mean and patch edits do")
         if kind in KIND_MODULES:
@@ -134,7 +145,7 @@ class Edit:
             "strength": _strength_value(self.strength),
             "positions": self.positions if isinstance(self.positions, str) else list(self.positions),
             "scope": self.scope,
-            "source": self.source,
+            "source": self.source.tolist() if isinstance(self.source, torch.Tensor) else self.source,
             **({"options": self.options} if self.options else {}),
         }
 
@@ -256,6 +267,18 @@ def _source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None)
     return cache[key]
 
 
+def _injected(hm, edit: Edit) -> dict[int, torch.Tensor]:
+    """Per layer the vectors [H, d] an inject edit writes; an error if they were made for other heads."""
+    g = hm.geometry
+    if tuple(edit.source.shape) != (g.n_layers, g.n_heads, g.head_dim):
+        raise HeadscopeError(
+            f"the injected vectors have shape {list(edit.source.shape)} but {hm.name or 'the model'} has "
+            f"[{g.n_layers}, {g.n_heads}, {g.head_dim}] (layers, heads, head_dim): they were made for another "
+            "model; fit a task embedding for this one (headscope inject fit --model ...)"
+        )
+    return {layer: edit.source[layer].to(hm.device) for layer in range(g.n_layers)}
+
+
 def clear_cache() -> None:
     """Forget cached mean / patch activations (e.g. after changing the model's weights)."""
     _CACHE.clear()
@@ -327,10 +350,13 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
     for e in edits:
         if not isinstance(e, Edit):
             raise HeadscopeError(f"intervene takes Edit objects; got {type(e).__name__}")
+        if e.kind == "inject":
+            _injected(hm, e)  # vectors for another model: say so before any head-range error
         hm.check_heads(e.heads)
     state = _Positions(prompt_length, attention_mask)
     g = hm.geometry
     sources = {i: _source_z(hm, e.kind, e.source, pad_id) for i, e in enumerate(edits) if e.kind in ("mean", "patch")}
+    sources.update({i: _injected(hm, e) for i, e in enumerate(edits) if e.kind == "inject"})
 
     def z_edit(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
         for i, e in enumerate(edits):
@@ -379,7 +405,9 @@ def apply_z_edit(edit: Edit, layer: int, z: torch.Tensor, keep: torch.Tensor, po
     if edit.kind == "scale":
         hit = _head_hits(edit, layer, z.shape[2], z.device, z.dtype).view(1, 1, -1, 1) * keep
         return z + hit * (w - 1) * z
-    if edit.kind == "mean":
+    if edit.kind == "inject" and source is None:  # nnsight / TransformerLens paths
+        source = edit.source[layer]
+    if edit.kind in ("mean", "inject"):
         return z + w * (source.to(z) - z)
     return z + w * (_patch_values(source, positions, z, keep.view(keep.shape[0], -1)) - z)
 
