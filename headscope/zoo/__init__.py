@@ -19,6 +19,8 @@ ORGANISMS: dict[str, str] = {
     "(python -m headscope.zoo.train_multitask)",
     "topics": "Tiny Llama over filler words where trigger words make later words colours, animals or numbers; "
     "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
+    "icl": "Tiny Llama (GQA) that learns four word-to-word tasks from demonstrations (next / prev, colour / animal); "
+    "0-shot it cannot tell them apart, for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
 }
 
 DEFAULT_MODEL = "retrieval"

@@ -1,0 +1,62 @@
+"""The icl organism (python -m headscope.zoo.train_icl): demonstrations decide the task, its ground
+truth covers every head, and soft injection on it (slow: the acceptance figures of the README)."""
+
+import pandas as pd
+import pytest
+import torch
+
+from headscope import zoo
+from headscope.interventions.soft_injection import accuracy, fit_soft_selection, task_embedding
+from headscope.model import HeadModel
+from headscope.tasks.icl import IclTask
+
+
+@pytest.fixture(scope="module")
+def hm():
+    return HeadModel.load("icl")
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    info = zoo.organism_info("icl")
+    return {t: IclTask.load(zoo.organism_path("icl") / f"{t}.jsonl") for t in info["tasks"]}
+
+
+def test_ground_truth_covers_every_head_and_task(hm, tasks):
+    truth = pd.read_csv(zoo.ground_truth_path("icl"))
+    assert len(truth) == hm.geometry.n_total
+    assert {f"effect_{t}" for t in tasks} | {"layer", "head", "effect"} == set(truth.columns)
+    assert truth[[f"effect_{t}" for t in tasks]].min().min() <= -0.1  # some head matters for 10-shot accuracy
+
+
+def _mean(values):
+    return sum(values.values()) / len(values)
+
+
+@pytest.fixture(scope="module")
+def zero_and_ten(hm, tasks):
+    return ({t: accuracy(hm, task, 0) for t, task in tasks.items()},
+            {t: accuracy(hm, task, 10, n=40) for t, task in tasks.items()})
+
+
+def test_demonstrations_help(zero_and_ten):
+    """0-shot the query does not say which task is meant (shipped: 0.25 averaged); 10
+    demonstrations help (shipped: 0.50)."""
+    zero, ten = zero_and_ten
+    assert _mean(zero) < 0.4, zero
+    assert _mean(ten) > _mean(zero) + 0.15, (zero, ten)
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped organism trained only partly (loss plateau 0.82): 10-shot "
+                   "accuracy averages 0.50, not the intended > 0.8")
+def test_ten_shot_is_high(zero_and_ten):
+    assert _mean(zero_and_ten[1]) > 0.8
+
+
+@pytest.mark.slow
+def test_soft_injection_beats_zero_shot_on_every_task(hm, tasks):
+    for name, task in tasks.items():
+        emb = fit_soft_selection(hm, task, task_embedding(hm, task, progress=False), progress=False)
+        zero, injected = accuracy(hm, task, 0), accuracy(hm, task, 0, edits=emb.edit())
+        assert injected >= zero + 0.2, (name, zero, injected)
+        assert emb.meta["val_accuracy"] >= injected - 0.3  # the kept checkpoint is the best validation one
