@@ -55,7 +55,6 @@ def main(argv=None) -> int:
     info = zoo.organism_info(args.model)
     folder = zoo.organism_path(args.model)
     tasks = [IclTask.load(folder / f) for f in info["task_files"]]
-    truth = pd.read_csv(folder / "ground_truth.csv")
     g = hm.geometry
 
     times = {"embedding": [], "fit_alphas": [], "fv_scores": []}
@@ -74,6 +73,7 @@ def main(argv=None) -> int:
                 assert torch.equal(emb.alphas, embs[task.name].alphas)
     per_task_time = {k: {"best_s": min(v), "median_s": statistics.median(v), "runs": len(v)} for k, v in times.items()}
 
+    truth = pd.read_csv(folder / "ground_truth.csv")
     accuracy, spearman = {}, {}
     for task in tasks:
         accuracy[task.name] = compare_methods(hm, task, embs[task.name], fv_top=args.fv_top, fv_scores=fvs[task.name],

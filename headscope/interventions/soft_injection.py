@@ -301,7 +301,7 @@ def prompt_cost(hm, task: IclTask, k: int, *, fmt: PromptFormat = PromptFormat()
 
 # ------------------------------------------------------------------------------------- organism truth
 @torch.no_grad()
-def organism_ground_truth(folder, *, k: int = 10, n: int = 100, seed: int = 0) -> Path:
+def organism_ground_truth(folder, *, k: int = 10, n: int = 40, seed: int = 0) -> Path:
     """``ground_truth.csv`` of the icl organism: per head and task, 10-shot test accuracy with the
     head's output zeroed minus without (negative = the head helps), and the mean over tasks."""
     import pandas as pd
