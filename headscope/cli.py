@@ -13,6 +13,7 @@ import sys
 
 from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags
 from headscope.errors import HeadscopeError
+from headscope.heads import EXAMPLES, format_head, format_heads, parse_heads, select_heads
 
 
 def _tasks() -> dict:
@@ -49,10 +50,12 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="the task metric, optionally with heads ablated")
     _common(ev, tasks, "eval", chosen)
-    ev.add_argument("--ablate", metavar="CSV", help="ranking CSV whose top heads to ablate")
-    ev.add_argument("--top", type=int, help="how many of the ranking's top heads")
+    ev.add_argument("--ablate", metavar="CSV", nargs="?", const="",
+                    help="ablate this ranking's --top K heads (or, without CSV, the --heads named)")
+    add_heads_arguments(ev)
     ev.add_argument("--random", type=int, metavar="K", help="ablate K random heads instead")
-    ev.add_argument("--exclude", metavar="CSV", help="with --random: never draw this ranking's top heads")
+    ev.add_argument("--exclude", metavar="CSV|HEADS",
+                    help="with --random: never draw this ranking's --top heads, or these heads (L1H5,L1H4)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--draws", type=int, default=1, help="with --random: average over this many draws")
     ev.add_argument("--ablation", choices=("zero", "uniform"), default="zero",
@@ -93,35 +96,56 @@ def _score(args, task) -> int:
     frame = scores.to_frame()
     details = ", ".join(f"{k}={v}" for k, v in scores.params.items())
     print(f"{hm}\n{scores.method} scores ({details})")
-    print(frame.head(args.show).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    shown = frame.head(args.show)
+    shown = shown.assign(head=[format_head(h) for h in zip(shown["layer"], shown["head"])]).drop(columns="layer")
+    print(shown.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if args.out:
         scores.to_csv(args.out)
         print(f"wrote {args.out} ({len(frame)} heads)")
     return 0
 
 
+def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
+    """--top K (of a ranking CSV) and --heads NAMES: the two ways to say which heads to edit."""
+    parser.add_argument("--top", type=int, help="how many of the ranking's top heads")
+    parser.add_argument("--heads", metavar="NAMES",
+                        help=f"the heads to edit, by name instead of a ranking CSV: {EXAMPLES}")
+
+
 def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     """--scale / --decore (issue 4): reweight the ranking's top heads, or decode with DeCoRe."""
-    parser.add_argument("--scale", metavar="CSV", help="multiply the output of this ranking's top heads by --alpha")
+    parser.add_argument("--scale", metavar="CSV", nargs="?", const="",
+                        help="multiply the output of this ranking's top heads (or the --heads named) by --alpha")
     parser.add_argument("--alpha", type=float, default=2.0, help="with --scale: the factor (negative allowed)")
-    parser.add_argument("--decore", metavar="CSV",
-                        help="decode with DeCoRe, contrasting the model with these top heads masked (Gema et al. 2024)")
+    parser.add_argument("--decore", metavar="CSV", nargs="?", const="",
+                        help="decode with DeCoRe, contrasting the model with this ranking's top heads (or the "
+                             "--heads named) masked (Gema et al. 2024)")
     parser.add_argument("--decore-alpha", type=float, default=None,
                         help="with --decore: a fixed contrast weight (default: the base entropy, per step)")
     parser.add_argument("--random-edit", choices=("ablate", "scale", "decore"), default="ablate",
                         help="with --random K: what to do with the random heads")
 
 
-def _edit_mode(args) -> str:
-    """Which of --ablate / --scale / --decore / --random was asked for (at most one), checked."""
-    chosen = [f for f in ("ablate", "scale", "decore") if getattr(args, f, None)]
-    if args.random is not None:
+def edit_mode(args, modes=("ablate", "scale", "decore")) -> str:
+    """Which of ``modes`` (and --random, where the command has it) was asked for: at most one."""
+    chosen = [f for f in modes if getattr(args, f, None) is not None]
+    if getattr(args, "random", None) is not None:
         chosen.append("random")
     if len(chosen) > 1:
-        raise HeadscopeError(f"use only one of --ablate, --scale, --decore or --random; got {', '.join('--' + c for c in chosen)}")
-    if chosen and chosen[0] != "random" and args.top is None:
-        raise HeadscopeError(f"--{chosen[0]} CSV needs --top K (how many of its top heads)")
-    return chosen[0] if chosen else "none"
+        names = ", ".join("--" + m for m in (*modes, "random") if m != "random" or hasattr(args, "random"))
+        raise HeadscopeError(f"use only one of {names}; got {', '.join('--' + c for c in chosen)}")
+    mode = chosen[0] if chosen else "none"
+    if mode in ("none", "random") and args.heads:
+        raise HeadscopeError("--heads names the heads to edit: say what to do with them, e.g. --ablate --heads "
+                             + args.heads + " (or --scale / --decore)")
+    return mode
+
+
+def edit_heads(args, hm, mode: str):
+    """The heads ``--MODE CSV --top K`` or ``--MODE --heads NAMES`` names, checked against the model."""
+    heads, how = select_heads(names=args.heads, ranking=getattr(args, mode) or None, top=args.top,
+                              option="--" + mode)
+    return hm.check_heads(heads), how
 
 
 def edit_context(hm, task, args, heads, how: str):
@@ -143,11 +167,10 @@ def edit_context(hm, task, args, heads, how: str):
 
 def _eval(args, task) -> int:
     from headscope.interventions import intervene
-    from headscope.scores import HeadScores
 
     if not hasattr(task, "evaluate"):
         raise HeadscopeError(f"task {args.task!r} has no metric to evaluate")
-    mode = _edit_mode(args)
+    mode = edit_mode(args)
     if args.exclude and args.random is None:
         raise HeadscopeError("--exclude only applies with --random K")
     hm = load_model(args)
@@ -168,20 +191,16 @@ def _eval(args, task) -> int:
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
         spread = {k: (sum((d[k] - result[k]) ** 2 for d in draws) / max(len(draws) - 1, 1)) ** 0.5 for k in result}
         print(f"std over {len(draws)} draws: " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()))
-    elif mode in ("scale", "decore"):
-        csv = getattr(args, mode)
-        heads = hm.check_heads(HeadScores.from_csv(csv).top(args.top))
-        detail = f"scaling by {args.alpha:g}" if mode == "scale" else "DeCoRe, masking"
-        print(f"{detail} the top {args.top} heads of {csv}: {heads}")
-        result = metrics(heads)
-    elif args.ablate:
-        heads = hm.check_heads(HeadScores.from_csv(args.ablate).top(args.top))
-        print(f"ablating ({args.ablation}) the top {args.top} heads of {args.ablate}: {heads}")
+    elif mode in ("ablate", "scale", "decore"):
+        heads, chosen = edit_heads(args, hm, mode)
+        detail = {"ablate": f"ablating ({args.ablation})", "scale": f"scaling by {args.alpha:g}",
+                  "decore": "DeCoRe, masking"}[mode]
+        print(f"{detail} {chosen}: {format_heads(heads)}")
         result = metrics(heads)
     elif args.random is not None:
         excluded = set()
         if args.exclude:
-            excluded = set(HeadScores.from_csv(args.exclude).top(args.top if args.top is not None else args.random))
+            excluded = set(_excluded(args))
         pool = [h for h in hm.all_heads() if h not in excluded]
         if not 0 < args.random <= len(pool):
             raise HeadscopeError(f"--random must be between 1 and {len(pool)} (heads available); got {args.random}")
@@ -191,13 +210,24 @@ def _eval(args, task) -> int:
             heads = sorted(rng.sample(pool, args.random))
             draws.append(metrics(heads))
             what = f"ablating ({args.ablation})" if how == "ablate" else {"scale": "scaling", "decore": "DeCoRe, masking"}[how]
-            print(f"draw {draw}: {what} {heads}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
+            print(f"draw {draw}: {what} {format_heads(heads)}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
     else:
         result = metrics([])
     for name, value in result.items():
         print(f"{name}: {value:.3f}")
     return 0
+
+
+def _excluded(args) -> list:
+    """--exclude: heads by name, or a ranking CSV's top --top (default: --random) heads."""
+    from pathlib import Path
+
+    from headscope.scores import HeadScores
+
+    if Path(args.exclude).exists() or args.exclude.lower().endswith(".csv"):
+        return HeadScores.from_csv(args.exclude).top(args.top if args.top is not None else args.random)
+    return parse_heads(args.exclude)
 
 
 def _models(args) -> int:

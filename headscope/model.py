@@ -24,6 +24,7 @@ import torch
 
 from headscope import hooks
 from headscope.errors import HeadscopeError
+from headscope.heads import as_heads, format_heads
 
 Head = tuple[int, int]
 
@@ -102,8 +103,9 @@ class HeadModel:
     """A transformers model with its head geometry; probes and edits per (layer, head)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, name: str | None = None, processor=None):
-        if type(model).__module__.startswith("nnsight"):  # an nnsight model wraps the same HF model
-            model = model.__dict__.get("_module") or getattr(model, "_model", model)
+        if tokenizer is None and type(model).__module__.startswith("nnsight"):
+            tokenizer = getattr(model, "tokenizer", None)
+        model = _unwrap_nnsight(model)
         if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
             raise HeadscopeError(
                 f"HeadModel needs a transformers PreTrainedModel; got {type(model).__name__}. "
@@ -132,9 +134,11 @@ class HeadModel:
     def load(cls, name_or_path: str | os.PathLike, *, device: str | None = None, dtype="float32", **kwargs):
         """Load a shipped organism (``headscope models``), a local folder or a hub id.
 
-        Causal LMs load through AutoModelForCausalLM, LLaVA-style models through
-        AutoModelForImageTextToText (with their processor, PIL image backend when torchvision is
-        missing), encoders through AutoModel.
+        The auto class is the one whose mapping holds the config's architecture (causal LMs:
+        AutoModelForCausalLM; LLaVA-style: AutoModelForImageTextToText, with their processor, PIL
+        image backend when torchvision is missing; T5/BART: AutoModelForSeq2SeqLM); other models
+        load through AutoModel. ``kwargs`` go to ``from_pretrained`` (``attn_implementation``
+        defaults to ``"sdpa"``).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -158,7 +162,8 @@ class HeadModel:
             ) from None
         auto = _auto_class(config)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        model = auto.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
+        kwargs.setdefault("attn_implementation", "sdpa")  # headscope's idle layers run SDPA anyway
+        model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
         model.eval()
         if device is not None:
             model.to(device)
@@ -198,21 +203,16 @@ class HeadModel:
         )
 
     # --------------------------------------------------------------------------- heads
-    def check_heads(self, heads: Iterable[Sequence[int]]) -> list[Head]:
-        """Validate (layer, head) pairs; a clear error names the bad ones and the valid ranges."""
+    def check_heads(self, heads: str | Iterable[Sequence[int] | str]) -> list[Head]:
+        """Validate heads: (layer, head) pairs or names (``"L1H5, 1.4"``, see headscope.heads);
+        a clear error names the bad ones and the valid ranges."""
         g = self.geometry
-        out, bad = [], []
-        for item in heads:
-            try:
-                layer, head = (int(x) for x in item)
-            except (TypeError, ValueError):
-                raise HeadscopeError(f"a head is a (layer, head) pair of integers; got {item!r}") from None
-            if not (0 <= layer < g.n_layers and 0 <= head < g.n_heads):
-                bad.append((layer, head))
-            out.append((layer, head))
+        out = as_heads(heads)
+        bad = [h for h in out if not (0 <= h[0] < g.n_layers and 0 <= h[1] < g.n_heads)]
         if bad:
             raise HeadscopeError(
-                f"invalid head(s) {bad}: this model has layers 0..{g.n_layers - 1} and heads 0..{g.n_heads - 1}"
+                f"invalid head(s) {format_heads(bad)}: this model has layers 0..{g.n_layers - 1} and heads "
+                f"0..{g.n_heads - 1}"
             )
         return out
 
@@ -234,6 +234,12 @@ class HeadModel:
                 self._uninstall()
 
     def _install(self) -> None:
+        if getattr(next(self.model.parameters(), None), "is_meta", False):
+            raise HeadscopeError(
+                f"{type(self.model).__name__} has parameters on the meta device (no weights loaded): headscope's hooks "
+                "would sit on modules that never run. Load the weights first (HeadModel.load(path); for an nnsight "
+                "model, HeadModel(lm) dispatches it)."
+            )
         try:
             self._undo_attention = hooks.use_headscope_attention(self.model)
             for layer, modules in enumerate(self._layers):
@@ -511,6 +517,17 @@ class HeadModel:
                 yield
 
 
+def _unwrap_nnsight(model):
+    """The HF model inside an nnsight model; a lazy one (built on the meta device, the default of
+    ``LanguageModel(path)``) is dispatched first, so the hooks bind to the module that will run."""
+    if not type(model).__module__.startswith("nnsight"):
+        return model
+    if getattr(model, "dispatched", True) is False:
+        model.dispatch()  # nnsight would load the real weights at the first trace, into a new module
+    inner = model.__dict__.get("_module")
+    return inner if inner is not None else getattr(model, "_model", model)
+
+
 def head_masks(heads: Iterable[Head], n_layers: int, n_heads: int) -> torch.Tensor:
     """Boolean [layers, heads] mask, True on the given heads."""
     mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
@@ -561,13 +578,26 @@ def _load_processor(source: str, config):
 
 
 def _auto_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    """The auto class whose mapping holds the config's architecture (T5/BART -> Seq2SeqLM, LLaVA ->
+    ImageTextToText, Llama -> CausalLM); without ``architectures``, a guess from the config."""
+    import transformers as tf
 
+    autos = (tf.AutoModelForImageTextToText, tf.AutoModelForCausalLM, tf.AutoModelForSeq2SeqLM,
+             tf.AutoModelForSpeechSeq2Seq, tf.AutoModelForMaskedLM)
     archs = getattr(config, "architectures", None) or []
-    if any("ConditionalGeneration" in a or "ImageTextToText" in a for a in archs) or hasattr(config, "vision_config"):
-        return AutoModelForImageTextToText
+    for auto in autos:
+        mapping = auto._model_mapping
+        if type(config) in mapping:
+            classes = mapping[type(config)]
+            names = {c.__name__ for c in (classes if isinstance(classes, (tuple, list)) else (classes,))}
+            if names & set(archs):
+                return auto
+    if hasattr(config, "vision_config"):
+        return tf.AutoModelForImageTextToText
+    if getattr(config, "is_encoder_decoder", False):
+        return tf.AutoModelForSeq2SeqLM
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or getattr(config, "is_decoder", False):
-        return AutoModelForCausalLM
+        return tf.AutoModelForCausalLM
     if not archs and config.model_type in ("llama", "gpt2", "qwen2", "mistral", "gemma", "phi3"):
-        return AutoModelForCausalLM
-    return AutoModel
+        return tf.AutoModelForCausalLM
+    return tf.AutoModel

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import format_heads
 
 Head = tuple[int, int]
 
@@ -149,7 +150,7 @@ class HeadScores:
         return fig
 
     def __repr__(self) -> str:
-        best = ", ".join(f"L{layer}H{head}" for layer, head in self.top(min(3, self.scores.numel())))
+        best = format_heads(self.top(min(3, self.scores.numel())))
         return f"HeadScores({self.method!r}, model={self.model!r}, {self.n_layers}x{self.n_heads}, top: {best})"
 
 

@@ -8,18 +8,10 @@
 from __future__ import annotations
 
 from headscope.errors import HeadscopeError
+from headscope.heads import EXAMPLES, parse_heads
 
 TASKS = ("circuit",)
 DEFAULT_MODEL = "retrieval"
-
-
-def _heads(text: str | None):
-    if not text:
-        return None
-    try:
-        return [tuple(int(x) for x in item.split(".")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise HeadscopeError(f"--receivers must look like 9.6,9.9,10.0 (layer.head); got {text!r}") from None
 
 
 def add_arguments(parser, command: str) -> None:
@@ -32,7 +24,8 @@ def add_arguments(parser, command: str) -> None:
     parser.add_argument("--ig-steps", type=int, default=1,
                         help="attribution: average the gradient over this many corrupt-to-clean steps "
                              "(EAP-IG, Hanna et al. 2024); 1 = plain attribution patching")
-    parser.add_argument("--receivers", help="path patching receivers, e.g. 9.6,9.9 (default: the logits)")
+    parser.add_argument("--receivers", metavar="NAMES",
+                        help=f"path patching receivers (default: the logits): {EXAMPLES}")
 
 
 def pairs(args):
@@ -61,5 +54,5 @@ def score(args, hm):
         return circuits.activation_patching(hm, groups, heads_per_batch=args.batch_size, progress=not args.quiet)
     if args.method == "attribution":
         return circuits.attribution_patching(hm, groups, steps=args.ig_steps)
-    return circuits.path_patching(hm, groups, receivers=_heads(args.receivers), heads_per_batch=args.batch_size,
+    return circuits.path_patching(hm, groups, receivers=parse_heads(args.receivers) if args.receivers else None, heads_per_batch=args.batch_size,
                                   progress=not args.quiet)

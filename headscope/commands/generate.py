@@ -2,6 +2,7 @@
 
     headscope generate --model M --prompt "..." [--ablate r.csv --top K | --scale r.csv --top K --alpha A
                        | --decore r.csv --top K] [--max-new-tokens N]
+    headscope generate --model M --prompt "..." --ablate --heads L1H5,L1H4    # heads by name
     headscope generate --model M --image I --prompt "USER: <image> ..." [--vhr vhd.csv] [--var] [--edits e.json]
 
 The edit flags (``--edits``, ``--vhr``, ``--var``, ``--inject``: ``headscope.commands.edit_flags``) compose with
@@ -18,6 +19,7 @@ import torch
 
 from headscope.commands import edit_flags
 from headscope.errors import HeadscopeError
+from headscope.cli import add_heads_arguments
 
 NAME = "generate"
 HELP = "generate from a prompt, optionally with heads ablated, scaled, or DeCoRe decoding"
@@ -30,13 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--ablate", metavar="CSV", help="ablate this ranking's top heads")
+    parser.add_argument("--ablate", metavar="CSV", nargs="?", const="",
+                        help="ablate this ranking's --top K heads (or, without CSV, the --heads named)")
     parser.add_argument("--ablation", choices=("zero", "uniform"), default="zero")
-    parser.add_argument("--scale", metavar="CSV", help="multiply the output of this ranking's top heads by --alpha")
+    parser.add_argument("--scale", metavar="CSV", nargs="?", const="",
+                        help="multiply the output of this ranking's top heads (or the --heads named) by --alpha")
     parser.add_argument("--alpha", type=float, default=2.0, help="with --scale: the factor (negative allowed)")
-    parser.add_argument("--decore", metavar="CSV", help="DeCoRe: contrast with this ranking's top heads masked")
+    parser.add_argument("--decore", metavar="CSV", nargs="?", const="",
+                        help="DeCoRe: contrast with this ranking's top heads (or the --heads named) masked")
     parser.add_argument("--decore-alpha", type=float, default=None, help="fixed DeCoRe alpha (default: entropy)")
-    parser.add_argument("--top", type=int, help="how many of the ranking's top heads")
+    add_heads_arguments(parser)
     parser.add_argument("--scope", choices=("both", "prefill", "decode"), default="both",
                         help="with --ablate/--scale: edit the prompt, the generated tokens, or both")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -47,14 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from headscope.interventions import Edit, intervene
     from headscope.interventions.decore import decore_generate
+    from headscope.cli import edit_heads, edit_mode
+    from headscope.heads import format_heads
     from headscope.model import HeadModel
-    from headscope.scores import HeadScores
 
-    chosen = [f for f in ("ablate", "scale", "decore") if getattr(args, f)]
-    if len(chosen) > 1:
-        raise HeadscopeError(f"use only one of --ablate, --scale, --decore; got {', '.join('--' + c for c in chosen)}")
-    if chosen and args.top is None:
-        raise HeadscopeError(f"--{chosen[0]} CSV needs --top K (how many of its top heads)")
+    mode = edit_mode(args)
     if args.max_new_tokens < 1:
         raise HeadscopeError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
     hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
@@ -69,25 +71,25 @@ def run(args) -> int:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     ids = inputs["input_ids"]
     flagged = edit_flags.build_edits(args, hm)
-    heads = hm.check_heads(HeadScores.from_csv(getattr(args, chosen[0])).top(args.top)) if chosen else []
+    heads = edit_heads(args, hm, mode)[0] if mode != "none" else []
     tok = hm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     torch.manual_seed(args.seed)
-    if chosen == ["decore"]:
+    if mode == "decore":
         if flagged or args.image is not None:
             raise HeadscopeError("--decore runs its own decoding loop on text prompts; drop --image/--vhr/--var/--edits")
-        print(f"DeCoRe, masking {heads}")
+        print(f"DeCoRe, masking {format_heads(heads)}")
         out = decore_generate(hm, ids, heads, max_new_tokens=args.max_new_tokens, alpha=args.decore_alpha,
                               do_sample=args.sample, generator=torch.Generator(hm.device).manual_seed(args.seed),
                               eos_token_id=tok.eos_token_id, pad_token_id=pad).sequences
     else:
         edits = []
-        if chosen == ["ablate"]:
+        if mode == "ablate":
             edits = [Edit("zero" if args.ablation == "zero" else "uniform", heads, scope=args.scope)]
-            print(f"ablating ({args.ablation}, {args.scope}) {heads}")
-        elif chosen == ["scale"]:
+            print(f"ablating ({args.ablation}, {args.scope}) {format_heads(heads)}")
+        elif mode == "scale":
             edits = [Edit("scale", heads, strength=args.alpha, scope=args.scope)]
-            print(f"scaling by {args.alpha:g} ({args.scope}) {heads}")
+            print(f"scaling by {args.alpha:g} ({args.scope}) {format_heads(heads)}")
         for edit in flagged:
             print(f"edit: {edit.kind} on {len(edit.heads) or 'all'} heads, strength {edit.strength}"
                   + (f", options {edit.options}" if edit.options else ""))

@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from headscope.analyzers.circuits import circuit, overlap, overlap_figure
     from headscope.errors import HeadscopeError
+    from headscope.heads import format_heads
     from headscope.scores import HeadScores, _write_whole
     from pathlib import Path
 
@@ -31,9 +32,9 @@ def run(args) -> int:
                   absolute=not args.signed)
     ca, cb = circuit(a, **select), circuit(b, **select)
     stats = overlap(ca, cb)
-    print(f"A ({args.a}): {sorted(ca)}")
-    print(f"B ({args.b}): {sorted(cb)}")
-    print(f"shared: {sorted(ca & cb)}")
+    print(f"A ({args.a}): {format_heads(sorted(ca))}")
+    print(f"B ({args.b}): {format_heads(sorted(cb))}")
+    print(f"shared: {format_heads(sorted(ca & cb))}")
     for key, value in stats.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     if args.plot:

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from headscope.errors import HeadscopeError
+from headscope.heads import format_heads
 
 TASKS = ("pursuit",)
-DEFAULT_MODEL = "retrieval"
+DEFAULT_MODEL = "topics"
 
 
 def add_arguments(parser, command: str) -> None:
@@ -49,7 +50,7 @@ def score(args, hm):
     scores = pursuit.head_pursuit(hm, prompts, concept, k=args.k, normalize=args.normalize, progress=not args.quiet)
     if args.edit_alpha is not None:
         effect = pursuit.edit_effect(hm, prompts, concept, scores, alpha=args.edit_alpha, top=args.edit_top)
-        print(f"concept probability: base {effect['base']:.4f}, top heads {effect['heads']} x{args.edit_alpha:g}: "
+        print(f"concept probability: base {effect['base']:.4f}, top heads {format_heads(effect['heads'])} x{args.edit_alpha:g}: "
               f"{effect['edited']:.4f}, random same-layer heads: {effect['random_mean']:.4f} "
               f"+- {effect['random_std']:.4f}")
         scores.params["edit"] = effect
