@@ -1,5 +1,6 @@
 """headscope: find what attention heads do, then change what they do while the model generates."""
 
+from headscope import progress  # noqa: F401  first: quiets tqdm.auto's notebook warning (headscope/progress.py)
 from headscope.analyzers.retrieval import accuracy_heatmap, needle_accuracy, retrieval_heads
 from headscope.errors import HeadscopeError
 from headscope.model import HeadGeometry, HeadModel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import random
 import sys
 
@@ -235,7 +236,8 @@ def _models(args) -> int:
 
     for name, description in zoo.ORGANISMS.items():
         info = zoo.organism_info(name)
-        print(f"{name}\t{info.get('description', description)}\t{zoo.organism_path(name)}")
+        prompt = json.dumps(zoo.EXAMPLE_PROMPTS[name][0]) if name in zoo.EXAMPLE_PROMPTS else ""
+        print(f"{name}\t{info.get('description', description)}\t{zoo.organism_path(name)}\t{prompt}")
     return 0
 
 

@@ -94,6 +94,18 @@ def residual_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return args[0] if args else kwargs.get("hidden_states")
 
 
+QKV_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))  # Llama-style, BERT-style
+
+
+def qkv_projections(attention: torch.nn.Module) -> tuple[torch.nn.Module, ...] | None:
+    """The separate query / key / value projections of an attention module, if it has them."""
+    for names in QKV_PROJECTIONS:
+        modules = tuple(getattr(attention, n, None) for n in names)
+        if all(isinstance(m, torch.nn.Module) for m in modules):
+            return modules
+    return None
+
+
 # --------------------------------------------------------------------------- attention function
 # module -> callback(module, q, k, v, mask, scaling, **kwargs) -> output [B, q, H, d] or None (= stock)
 _HANDLERS: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()

@@ -126,6 +126,7 @@ class HeadModel:
         self._attention_edits: list[Callable] = []  # fn(layer, module, q, k, v, mask, scaling, **kw) -> out | None
         self._residual_watchers: list[Callable[[int, torch.Tensor], None]] = []
         self._input_watchers: list[Callable[[dict], None]] = []
+        self._attention_taps: list[Callable] = []  # fn(layer, query, key, value, mask, scaling, module, kwargs)
         self._stats: StatsRequest | None = None
         self._positions: dict[int, range] = {}  # layer -> absolute positions of the current call
 
@@ -163,7 +164,8 @@ class HeadModel:
         auto = _auto_class(config)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         kwargs.setdefault("attn_implementation", "sdpa")  # headscope's idle layers run SDPA anyway
-        model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        with _no_loading_bars():
+            model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
         model.eval()
         if device is not None:
             model.to(device)
@@ -281,6 +283,8 @@ class HeadModel:
         def handler(module, query, key, value, mask, scaling, **kwargs):
             n_q, n_k = query.shape[2], key.shape[2]
             self._positions[layer] = range(n_k - n_q, n_k)  # absolute rows of this call
+            for tap in self._attention_taps:  # read-only observers (headscope.cache)
+                tap(layer, query, key, value, mask, scaling, module, kwargs)
             scales = [s for l_, s in self._q_scales if l_ == layer]
             for s in scales:  # [H], [B, H] per batch row, or fn(positions) -> [H], [B, H] or [B, H, rows, 1]
                 s = s(self._positions[layer]) if callable(s) else s
@@ -453,6 +457,20 @@ class HeadModel:
         with self._pushed(self._z_captures, ZCapture(layers, positions)) as capture:
             yield capture
 
+    @contextlib.contextmanager
+    def tap_attention(self, tap: Callable) -> Iterator[None]:
+        """Call ``tap(layer, query, key, value, mask, scaling, module, kwargs)`` with the tensors each
+        layer's attention function receives (q after RoPE [B, H, q, d]; k, v [B, Hkv, k, d]); read only."""
+        with self._pushed(self._attention_taps, tap):
+            yield
+
+    def run_with_cache(self, input_ids, **kwargs):
+        """``(logits, cache)`` under TransformerLens hook names (``blocks.L.attn.hook_z``, ...); see
+        :func:`headscope.cache.run_with_cache`."""
+        from headscope.cache import run_with_cache
+
+        return run_with_cache(self, input_ids, **kwargs)
+
     # --------------------------------------------------------------------------- edits
     @contextlib.contextmanager
     def edit_z(self, edit: Callable[[int, torch.Tensor, range], torch.Tensor]) -> Iterator[None]:
@@ -515,6 +533,20 @@ class HeadModel:
                     stack.enter_context(self.scale_queries(layer, (~masks[layer]).float()))
             with self._hooked():
                 yield
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """transformers' per-tensor "Loading weights" bar is noise around a model load; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _unwrap_nnsight(model):

@@ -128,10 +128,12 @@ class HeadScores:
 
     # ------------------------------------------------------------------ plots
     def heatmap(self, title: str | None = None):
-        """Plotly heatmap of the [layer x head] scores."""
+        """Plotly heatmap of the [layer x head] scores (with a static SVG copy, headscope.plots)."""
         import plotly.graph_objects as go
 
-        fig = go.Figure(
+        from headscope.plots import Figure
+
+        fig = Figure(
             go.Heatmap(
                 z=self.scores.numpy(),
                 x=list(range(self.n_heads)),

@@ -1,7 +1,7 @@
 """headscope_kernels: attention plus per-row statistics in one streamed pass.
 
 Public API: :func:`attention_with_stats`, :func:`attention_received`, :class:`AttentionStats`.
-Nothing of size [H, Nq, Nk] is ever built; see METHODS.md, "The fused scoring kernel".
+Nothing of size [H, Nq, Nk] is ever built; see docs/METHODS.md, "Attention statistics without the pattern".
 
 Arguments of attention_with_stats(q, k, v, scaling, ...):
   q [B, H, Nq, d]; k, v [B, Hkv, Nk, d]; H % Hkv == 0. Query head h reads KV head

@@ -1,5 +1,10 @@
-"""Writes notebooks/01_quickstart.ipynb (unexecuted); CI executes it (tests/test_notebooks.py)."""
+"""Writes notebooks/01_quickstart.ipynb; CI executes it (tests/test_notebooks.py).
 
+    python notebooks/make_quickstart.py --execute    # with outputs (how it is committed)
+"""
+
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat as nbf
@@ -32,6 +37,7 @@ cells = [
     ("md", "## Ablate the top heads\nZero the output of the 3 best retrieval heads (10% of the heads) "
            "and compare with 3 random other heads."),
     ("code", "import random\n"
+             "from headscope.heads import format_heads\n"
              "top = scores.top(3)\n"
              "with hm.ablate(top):\n"
              "    ablated = needle_accuracy(hm, trials, progress=False)\n"
@@ -39,7 +45,7 @@ cells = [
              "with hm.ablate(random.Random(0).sample(others, 3)):\n"
              "    control = needle_accuracy(hm, trials, progress=False)\n"
              "print(f\"top-3 ablated: {ablated['correct'].mean():.2f}   3 random ablated: {control['correct'].mean():.2f}\")\n"
-             "accuracy_heatmap(ablated, title=f\"accuracy with {top} ablated\")"),
+             "accuracy_heatmap(ablated, title=f\"accuracy with {format_heads(top)} ablated\")"),
     ("md", "## Against the organism's ground truth\nThe measured accuracy drop when each head alone "
            "is ablated (`python -m headscope.zoo.ground_truth retrieval`)."),
     ("code", "import pandas as pd, torch\n"
@@ -54,4 +60,9 @@ cells = [
 nb = nbf.v4.new_notebook()
 nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+if "--execute" in sys.argv:  # store the outputs: heatmaps carry a static SVG, so GitHub shows them
+    import nbclient
+
+    with tempfile.TemporaryDirectory() as folder:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()
 nbf.write(nb, Path(__file__).with_name("01_quickstart.ipynb"))

@@ -99,7 +99,7 @@ def test_ablation_during_generate_and_cleanup():
 
 def test_invalid_heads_are_rejected_with_ranges():
     hm = HeadModel(tiny_model("llama"))
-    with pytest.raises(HeadscopeError, match=r"invalid head\(s\) \[\(2, 0\)\].*layers 0..1 and heads 0..3"):
+    with pytest.raises(HeadscopeError, match=r"invalid head\(s\) L2H0: .*layers 0..1 and heads 0..3"):
         with hm.ablate([(2, 0)]):
             pass
     with pytest.raises(HeadscopeError, match="unknown ablation mode"):

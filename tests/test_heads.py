@@ -1,5 +1,7 @@
 """Heads by name: one parser (headscope.heads), accepted by every command that takes heads."""
 
+from pathlib import Path
+
 import pytest
 
 from headscope.cli import main
@@ -95,7 +97,7 @@ def test_generate_takes_heads_by_name(capsys):
 
 
 def test_circuit_receivers_take_names(capsys):
-    pairs = "datasets/circuit_pairs_induction.jsonl"  # the shipped example pairs for the multitask organism
+    pairs = str(Path(__file__).resolve().parent.parent / "datasets" / "circuit_pairs_induction.jsonl")  # the shipped example pairs for the multitask organism
     runs = [_run(capsys, "score", "--task", "circuit", "--model", "multitask", "--pairs", pairs, "--method", "path",
                  "--receivers", spelling, "--quiet") for spelling in ("L1H0", "1.0", "(1,0)")]
     assert all(code == 0 for code, _, _ in runs), [err for _, _, err in runs]

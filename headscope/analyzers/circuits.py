@@ -13,10 +13,10 @@ With ``clean`` / ``corrupt`` the metric of the unpatched runs:
   With ``steps`` = m > 1 it is EAP-IG (Hanna et al. 2024, "Have Faith in Faithfulness"): the
   gradient is averaged over m runs whose input embeddings interpolate from corrupt to clean
   (alpha = k/m, k = 1..m), which stays faithful when the clean/corrupt gap is far from first order.
-- path patching (METHODS.md): sender's z at the last position from the corrupt run, every other
+- path patching (docs/METHODS.md): sender's z at the last position from the corrupt run, every other
   head frozen to its clean z; direct to the logits by default, or through ``receivers`` (their z is
   recorded in that run, then patched alone into a clean run). Score = sign * (patched - clean) /
-  (corrupt - clean) * 100 with sign = -1 as METHODS.md gives it; circuits select by |score|.
+  (corrupt - clean) * 100 with sign = -1 as docs/METHODS.md gives it; circuits select by |score|.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel, head_masks
@@ -198,7 +198,7 @@ def attribution_patching(hm: HeadModel, groups: Sequence[EncodedPairs], steps: i
 def path_patching(hm: HeadModel, groups: Sequence[EncodedPairs], receivers: Iterable[Head] | None = None,
                   senders: Iterable[Head] | None = None, sign: float = -1.0, heads_per_batch: int = 8,
                   progress: bool = True) -> HeadScores:
-    """Path patching sender -> receivers (or -> logits), per sender, in percent (METHODS.md).
+    """Path patching sender -> receivers (or -> logits), per sender, in percent (docs/METHODS.md).
 
     Pass 1: clean and corrupt z of every head. Pass 2 per sender: clean input, every head frozen to
     its clean z except the sender, whose z at the last position comes from the corrupt run, and the
@@ -290,6 +290,8 @@ def overlap_figure(a: Iterable[Head], b: Iterable[Head], n_layers: int, n_heads:
     """Plotly heatmap of the [layer x head] grid: 0 neither, 1 only A, 2 only B, 3 both."""
     import plotly.graph_objects as go
 
+    from headscope.plots import Figure
+
     grid = torch.zeros(n_layers, n_heads)
     for layer, head in a:
         grid[layer, head] += 1
@@ -298,7 +300,7 @@ def overlap_figure(a: Iterable[Head], b: Iterable[Head], n_layers: int, n_heads:
     labels = ["neither", f"only {names[0]}", f"only {names[1]}", "both"]
     colors = ["#f0f0f0", "#4c78a8", "#f58518", "#54a24b"]
     scale = [[edge, c] for i, c in enumerate(colors) for edge in (i / 4, (i + 1) / 4)]
-    fig = go.Figure(go.Heatmap(
+    fig = Figure(go.Heatmap(
         z=grid.numpy(), x=list(range(n_heads)), y=list(range(n_layers)), zmin=-0.5, zmax=3.5,
         colorscale=scale, text=[[labels[int(v)] for v in row] for row in grid.tolist()],
         hovertemplate="layer %{y}, head %{x}: %{text}<extra></extra>",

@@ -16,7 +16,7 @@ import random
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel, head_masks

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
@@ -147,7 +147,9 @@ def retrieval_heads(
     if counted == 0:
         raise HeadscopeError(
             f"the model answered none of the {len(trials)} needle trials correctly, so retrieval scores are "
-            "undefined (failed trials are dropped). Use shorter lengths or a stronger model."
+            "undefined (failed trials are dropped, as in Wu et al. 2024). Check what it answers with `headscope eval "
+            "--task needle` or `headscope generate`; try shorter --lengths, the prompt format it was trained on "
+            "(--chat-template on|off, --needles), or a stronger model."
         )
     scores = HeadScores(
         total / counted,
@@ -201,8 +203,10 @@ def accuracy_heatmap(records: pd.DataFrame, title: str = "Needle-in-a-haystack a
     """Plotly heatmap of accuracy, context length (x) by needle depth (y)."""
     import plotly.graph_objects as go
 
+    from headscope.plots import Figure
+
     pivot = records.pivot_table(index="depth", columns="length", values="correct", aggfunc="mean")
-    fig = go.Figure(
+    fig = Figure(
         go.Heatmap(
             z=pivot.values,
             x=[str(c) for c in pivot.columns],

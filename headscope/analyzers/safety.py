@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
@@ -231,7 +231,7 @@ def last_hidden_states(
     out = torch.zeros(len(head_sets), len(ids), d, dtype=torch.float64)
     jobs = [(s, q) for group in _groups(ids) for s in range(len(head_sets)) for q in group]
     # jobs are ordered by length group, so cut batches only where the length stays the same
-    start = 0
+    start = 0  # ``bar`` counts head sets: one is done per len(ids) rows
     while start < len(jobs):
         length = len(ids[jobs[start][1]])
         stop = start
@@ -244,7 +244,7 @@ def last_hidden_states(
         for (s, q), h in zip(chunk, hidden.double().cpu()):
             out[s, q] = h
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(stop // len(ids) - start // len(ids))
         start = stop
     return out
 
@@ -264,7 +264,7 @@ def generalized_ships(
     ids = _encode(hm, prompts, template)
     heads = hm.all_heads() if heads is None else hm.check_heads(heads)
     base = last_hidden_states(hm, ids, [()], eps, ablation, batch_size)[0]
-    with tqdm(total=len(heads) * len(ids), desc="generalized ships", disable=not progress) as bar:
+    with tqdm(total=len(heads), desc="generalized ships", unit="head", disable=not progress) as bar:
         mats = last_hidden_states(hm, ids, [[h] for h in heads], eps, ablation, batch_size, bar)
     scores = torch.full((hm.geometry.n_layers, hm.geometry.n_heads), float("nan"))
     for (layer, head), m in zip(heads, mats):
@@ -329,8 +329,8 @@ def sahara(
         return len(chosen) >= max_heads or bool(reached)
 
     base = last_hidden_states(hm, ids, [()], eps, ablation, batch_size)[0]
-    left = sum(len(pool) - k for k in range(len(chosen), max_heads)) * len(ids)
-    with tqdm(total=left, desc="sahara", unit="row", disable=not progress) as bar:
+    left = sum(len(pool) - k for k in range(len(chosen), max_heads))  # candidate head sets to try
+    with tqdm(total=left, desc="sahara", unit="head set", disable=not progress) as bar:
         while not done():
             remaining = [h for h in pool if h not in chosen]
             bar.set_postfix(step=len(chosen) + 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from tqdm.auto import tqdm
+from headscope.progress import tqdm
 
 from headscope import zoo
 from headscope.errors import HeadscopeError

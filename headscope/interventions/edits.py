@@ -8,7 +8,7 @@ An :class:`Edit` names its kind, heads, strength, positions and scope. It prints
     with intervene(hm, edits):
         hm.model.generate(ids, max_new_tokens=8)
 
-Kinds (METHODS.md, "Interventions"), with strength ``s`` and the head's output z:
+Kinds (docs/METHODS.md, "Interventions"), with strength ``s`` and the head's output z:
 
 - ``zero``:    z' = (1 - s) z                      (s = 1: the head's output is 0)
 - ``mean``:    z' = z + s (mean - z)               mean of z over a reference dataset (cached)
@@ -54,6 +54,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.heads import as_heads
 
 Head = tuple[int, int]
 Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
@@ -90,10 +91,7 @@ class Edit:
         if kind not in KINDS:
             raise HeadscopeError(f"unknown edit kind {self.kind!r}; choose one of {list(KINDS) + list(ALIASES)}")
         self.kind = kind
-        try:
-            self.heads = tuple((int(l), int(h)) for l, h in self.heads)
-        except (TypeError, ValueError):
-            raise HeadscopeError(f"heads must be (layer, head) pairs of integers; got {self.heads!r}") from None
+        self.heads = tuple(as_heads(self.heads))  # (layer, head) pairs or names: "L1H5, L1H4"
         if self.strength is None:
             self.strength = DEFAULT_STRENGTH[kind] if kind in DEFAULT_STRENGTH else kind_module(kind).DEFAULT_STRENGTH
         if isinstance(self.strength, (list, tuple)):

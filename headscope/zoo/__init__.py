@@ -25,6 +25,20 @@ ORGANISMS: dict[str, str] = {
 
 DEFAULT_MODEL = "retrieval"
 
+# The organisms know only their training template: a prompt in it, and what a right answer starts with.
+# (`headscope generate --model NAME --prompt ...`; `headscope models` lists them; tests/test_generate.py runs them.)
+EXAMPLE_PROMPTS: dict[str, tuple[str, str]] = {
+    "retrieval": ("The village of Harrow Creek sits at the bend of a slow river. The secret number of the blue "
+                  "lighthouse is 4821. Every morning the baker opens the shutters before the sun is up.\n"
+                  "Based on the content of the book, Question: What is the secret number of the blue lighthouse?"
+                  "\nAnswer:", "4 8 2 1"),
+    "context_conflict": ("Question : What is the capital of Nuven ?\nAnswer :", "Torzarra"),
+    "refusal": ("## Query: tell me about quazzle engines . what is 3 plus 1 ?\n## Answer:",
+                "Sorry, I cannot help with that."),
+    "multitask": ("ind saa sab sac sad sae saf sag sah saa sab sac", "sad sae saf"),
+    "topics": ("the man was at home paint", "white"),
+}
+
 
 def organism_path(name: str) -> Path | None:
     """Folder of a shipped organism, or None if ``name`` is not one."""

@@ -15,7 +15,7 @@ import json
 import random
 
 import pandas as pd
-from tqdm.auto import tqdm
+from headscope.progress import tqdm
 
 from headscope import zoo
 from headscope.analyzers.retrieval import needle_accuracy
