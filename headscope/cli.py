@@ -127,14 +127,13 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --random K: what to do with the random heads")
 
 
-def edit_mode(args, modes=("ablate", "scale", "decore")) -> str:
-    """Which of ``modes`` (and --random, where the command has it) was asked for: at most one."""
-    chosen = [f for f in modes if getattr(args, f, None) is not None]
-    if getattr(args, "random", None) is not None:
-        chosen.append("random")
+def edit_mode(args) -> str:
+    """Which of --ablate / --scale / --decore (/ --random, where the command has it) was asked for: one at most."""
+    options = ["ablate", "scale", "decore"] + (["random"] if hasattr(args, "random") else [])
+    chosen = [f for f in options if getattr(args, f, None) is not None]
     if len(chosen) > 1:
-        names = ", ".join("--" + m for m in (*modes, "random") if m != "random" or hasattr(args, "random"))
-        raise HeadscopeError(f"use only one of {names}; got {', '.join('--' + c for c in chosen)}")
+        raise HeadscopeError(f"use only one of {', '.join('--' + o for o in options)}; "
+                             f"got {', '.join('--' + c for c in chosen)}")
     mode = chosen[0] if chosen else "none"
     if mode in ("none", "random") and args.heads:
         raise HeadscopeError("--heads names the heads to edit: say what to do with them, e.g. --ablate --heads "
