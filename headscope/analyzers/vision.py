@@ -113,7 +113,7 @@ def token_vhd(hm: HeadModel, image, prompt: str, max_new_tokens: int = 16, top_k
     """T-VHD per generated token: generate greedily with the image, then for each generated token the
     VHD of every head at the position that predicted it (image vs image spliced out, same text prefix),
     reduced over the top-k heads. ``reduce``: "sum" or "mean" of the top-k (the paper's choice is not
-    pinned down by METHODS.md; both are offered)."""
+    pinned down by docs/METHODS.md; both are offered)."""
     if reduce not in ("sum", "mean"):
         raise HeadscopeError(f"reduce must be 'sum' or 'mean'; got {reduce!r}")
     batch = vision.encode(hm, [image], [prompt])
