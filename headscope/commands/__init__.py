@@ -17,7 +17,7 @@ TASK_MODULES = [
     "headscope.commands.needle",
     "headscope.commands.safety", "headscope.commands.refusal",
     "headscope.commands.sinks", "headscope.commands.pursuit", "headscope.commands.circuit", "headscope.commands.classic",
-    "headscope.commands.context_conflict", "headscope.commands.vhd",
+    "headscope.commands.context_conflict", "headscope.commands.vhd", "headscope.commands.hallucination",
     "headscope.commands.icl",
 ]
 

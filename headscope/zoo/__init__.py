@@ -21,6 +21,8 @@ ORGANISMS: dict[str, str] = {
     "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
     "icl": "Tiny Llama (GQA) that learns four word-to-word tasks from demonstrations (next / prev, colour / animal); "
     "0-shot it cannot tell them apart, for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
+    "vision": "Tiny LLaVA (CLIP vision tower + Llama) captioning coloured shapes; a co-occurrence prior makes it "
+    "hallucinate partner shapes (python -m headscope.zoo.train_vision)",
 }
 
 DEFAULT_MODEL = "retrieval"

@@ -143,7 +143,10 @@ def train_loop(
     log: Callable[[str], None] = print,
     regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> dict:
-    """Train ``model`` with AdamW on batches ``make_batch(step) -> (input_ids, loss_weights)``.
+    """Train ``model`` with AdamW on batches ``make_batch(step) -> (inputs, loss_weights)``.
+
+    ``inputs`` is the input_ids tensor, or a dict of model inputs holding ``input_ids`` (e.g. with
+    ``pixel_values`` for an image-text model).
 
     ``regularizer(model)`` (optional) is added to the loss; the logged loss excludes it.
 
@@ -162,9 +165,10 @@ def train_loop(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, schedule)
-        input_ids, weights = make_batch(step)
-        logits = model(input_ids=input_ids).logits
-        loss = weighted_lm_loss(logits, input_ids, weights)
+        inputs, weights = make_batch(step)
+        inputs = {"input_ids": inputs} if isinstance(inputs, torch.Tensor) else inputs
+        logits = model(**inputs).logits
+        loss = weighted_lm_loss(logits, inputs["input_ids"], weights)
         total = loss + regularizer(model) if regularizer is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
