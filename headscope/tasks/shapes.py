@@ -115,28 +115,19 @@ def heldout_scenes(n: int, seed: int = 1234, partner_absent: bool = True) -> lis
 
 
 @functools.lru_cache(maxsize=4)
-def kind_frequencies(n: int = 20000, seed: int = 0, absent: float = 0.03) -> dict[str, float]:
-    """Share of training scenes containing each kind (for POPE's popular negatives)."""
+def training_statistics(n: int = 5000, seed: int = 0, absent: float = 0.03):
+    """Over ``n`` training scenes: the share containing each kind (POPE's popular negatives) and
+    the share containing both kinds of each ordered pair (POPE's adversarial negatives)."""
     rng = random.Random(seed)
-    counts = dict.fromkeys(KINDS, 0)
-    for _ in range(n):
-        for kind in sample_scene(rng, absent).kinds:
-            counts[kind] += 1
-    return {k: v / n for k, v in counts.items()}
-
-
-@functools.lru_cache(maxsize=4)
-def cooccurrence(n: int = 20000, seed: int = 0, absent: float = 0.03) -> dict[tuple[str, str], float]:
-    """Share of training scenes containing both kinds, per ordered pair (for POPE's adversarial negatives)."""
-    rng = random.Random(seed)
-    counts: dict[tuple[str, str], int] = {}
+    frequency = dict.fromkeys(KINDS, 0.0)
+    together: dict[tuple[str, str], float] = {}
     for _ in range(n):
         kinds = sample_scene(rng, absent).kinds
         for a in kinds:
-            for b in kinds:
-                if a != b:
-                    counts[a, b] = counts.get((a, b), 0) + 1
-    return {pair: c / n for pair, c in counts.items()}
+            frequency[a] += 1 / n
+            for b in kinds - {a}:
+                together[a, b] = together.get((a, b), 0.0) + 1 / n
+    return frequency, together
 
 
 def scene_metrics(hm, processor, scenes, *, caption_prompt: str = CAPTION_PROMPT,
@@ -146,7 +137,8 @@ def scene_metrics(hm, processor, scenes, *, caption_prompt: str = CAPTION_PROMPT
     adversarial negatives from the training distribution's kind frequencies and co-occurrences."""
     from headscope.tasks.hallucination import hallucination_metrics
 
+    frequency, together = training_statistics()
     return hallucination_metrics(
         hm, processor, [s.image() for s in scenes], [s.kinds for s in scenes], KINDS, caption_prompt=caption_prompt,
-        question_template=question_template, frequency=kind_frequencies(), cooccurrence=cooccurrence(),
+        question_template=question_template, frequency=frequency, cooccurrence=together,
         settings=settings, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -105,6 +105,20 @@ def make_batch_fn(processor, batch: int, seed: int, absent: float):
     return make
 
 
+def write_probe_set(out, n: int = 16, seed: int = 2) -> None:
+    """``images/*.png`` (typical scenes, a seed apart from training and held-out sets) and
+    ``prompts.jsonl`` pairing each with the caption prompt: inputs for VHD on the organism."""
+    import json
+
+    folder = Path(out) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(shapes.heldout_scenes(n, seed, partner_absent=False)):
+        scene.image().save(folder / f"scene_{i:02d}.png")
+        rows.append(json.dumps({"image": f"scene_{i:02d}.png", "prompt": shapes.CAPTION_PROMPT}))
+    (Path(out) / "prompts.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
 GROUND_TRUTH_MEASURES = ("chair_i", "chair_s", "caption_recall", "pope_adversarial_yes_share", "pope_adversarial_f1")
 
 
@@ -139,7 +153,7 @@ def ground_truth(hm, processor, n: int = 100, seed: int = 1, factors=(2.0, 0.0),
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="headscope/zoo/vision")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=32)
@@ -182,6 +196,7 @@ def main(argv=None) -> None:
         "task": "hallucination",
         "image_size": shapes.IMAGE_SIZE, "image_tokens": N_IMAGE_TOKENS,
         "pairs": shapes.PAIRS, "kinds": list(shapes.KINDS), "colours": list(shapes.COLOURS),
+        "probe_set": "images/ + prompts.jsonl: 16 typical scenes with the caption prompt (e.g. for VHD)",
         "caption_prompt": shapes.CAPTION_PROMPT, "question_prompt": shapes.QUESTION_PROMPT,
         "heldout": {"scenes": args.heldout, "seed": args.seed + 1, "partner_absent": True,
                     "metrics": {k: round(v, 4) for k, v in base.items()}},
@@ -199,6 +214,7 @@ def main(argv=None) -> None:
     }
     save_organism(model, processor.tokenizer, args.out, meta, max_new_tokens=24)
     processor.save_pretrained(args.out)
+    write_probe_set(args.out)
     if not args.no_ground_truth:
         truth = ground_truth(hm, processor, args.heldout, args.seed + 1)
         _write_whole(Path(args.out) / "ground_truth.csv", truth.to_csv(index=False, float_format="%.4f"))
