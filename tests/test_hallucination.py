@@ -96,6 +96,9 @@ def test_scenes_carry_the_cooccurrence_prior():
 
 @needs_organism
 def test_organism_loads_like_a_hub_model():
+    import numpy as np
+    import torch
+    from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from headscope.zoo.train_vision import IMAGE_TOKEN, N_IMAGE_TOKENS, encode
@@ -110,6 +113,11 @@ def test_organism_loads_like_a_hub_model():
     assert batch["input_ids"][0].tolist() == ids[:-1]
     assert (batch["input_ids"] == model.config.image_token_id).sum() == N_IMAGE_TOKENS
     assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == IMAGE_TOKEN
+    # any image size works (resized to 32 x 32); the scenes' own 32 x 32 pixels pass unchanged
+    raw = torch.tensor(np.asarray(scene.image()), dtype=torch.float32).permute(2, 0, 1) / 255
+    torch.testing.assert_close(batch["pixel_values"][0], (raw - 0.5) / 0.5)
+    big = processor(images=[Image.new("RGB", (224, 100))], text=[shapes.CAPTION_PROMPT], return_tensors="pt")
+    assert big["pixel_values"].shape[-2:] == (32, 32) and torch.equal(big["input_ids"], batch["input_ids"])
     out = model.generate(**batch, max_new_tokens=24, do_sample=False)
     caption = processor.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     # a complete scene: the caption names exactly its objects, in the training captions' grammar

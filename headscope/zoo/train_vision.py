@@ -36,8 +36,9 @@ N_IMAGE_TOKENS = (shapes.IMAGE_SIZE // PATCH) ** 2
 
 
 def build_processor():
-    """The LlavaProcessor: CLIP image processing with PIL (no resize or crop; mean = std = 0.5) and a
-    word tokenizer over the scene vocabulary plus the ``<image>`` token (left padding)."""
+    """The LlavaProcessor: CLIP image processing with PIL (any image resized to 32 x 32, which leaves
+    the scenes' own 32 x 32 images unchanged; no crop; mean = std = 0.5) and a word tokenizer over
+    the scene vocabulary plus the ``<image>`` token (left padding)."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -46,7 +47,7 @@ def build_processor():
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tokenizer.padding_side = "left"
     size = {"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE}
-    images = CLIPImageProcessorPil(size=size, crop_size=size, do_resize=False, do_center_crop=False,
+    images = CLIPImageProcessorPil(size=size, crop_size=size, do_resize=True, do_center_crop=False,
                                    image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
