@@ -32,23 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="caption length limit")
 
 
-def processor_for(args, hm):
-    """The model's processor (the HeadModel's, else loaded from the model folder or hub id)."""
-    processor = getattr(hm, "processor", None)
-    if processor is None:
-        from transformers import AutoProcessor
-
-        source = zoo.organism_path(args.model) or args.model
-        try:
-            processor = AutoProcessor.from_pretrained(str(source))
-        except (OSError, ValueError, TypeError, KeyError):
-            processor = None
-    if processor is None or getattr(processor, "image_processor", None) is None:
-        raise HeadscopeError(f"--task hallucination needs an image-text model with a processor (image processor + "
-                             f"tokenizer), such as --model vision; {args.model!r} has none")
-    return processor
-
-
 def evaluate(args, hm) -> dict[str, float]:
     from headscope.tasks import shapes
 
@@ -64,7 +47,9 @@ def evaluate(args, hm) -> dict[str, float]:
             raise HeadscopeError(f"{name} {prompt!r} has no <image> placeholder; put <image> where the image goes")
     if "{object}" not in question:
         raise HeadscopeError(f"--question-prompt {question!r} has no {{object}} slot, e.g. 'Is there a {{object}} in the image?'")
-    processor = processor_for(args, hm)
+    from headscope import vision
+
+    vision.require_vision(hm, "--task hallucination")
     scenes = shapes.heldout_scenes(n, args.scene_seed if args.scene_seed is not None else held.get("seed", 1))
-    return shapes.scene_metrics(hm, processor, scenes, caption_prompt=caption, question_template=question,
+    return shapes.scene_metrics(hm, scenes, caption_prompt=caption, question_template=question,
                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

@@ -122,47 +122,38 @@ def says_yes(answer: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------- generation
-def generate_texts(hm, processor, images, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of (image, prompt) pairs, batched with left padding; only the new text."""
+def generate_texts(hm, images, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of (image, prompt) pairs (``vision.encode``: left padding); only the new text."""
     import torch
 
-    if len(images) != len(prompts):
-        raise HeadscopeError(f"need one prompt per image; got {len(images)} images and {len(prompts)} prompts")
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    from headscope import vision
+
     texts: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = processor(images=list(images[start : start + batch_size]),
-                              text=list(prompts[start : start + batch_size]), padding=True, return_tensors="pt")
-            batch = {k: v.to(hm.device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(hm.model.dtype)
-            with torch.no_grad():
-                out = hm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-            new = out[:, batch["input_ids"].shape[1]:]
-            texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        batch = vision.encode(hm, images[start : start + batch_size], prompts[start : start + batch_size])
+        with torch.no_grad():
+            out = hm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, batch["input_ids"].shape[1]:]
+        texts += [t.strip() for t in hm.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     return texts
 
 
-def caption_metrics(hm, processor, images, truths, vocabulary, prompt: str, max_new_tokens: int = 24,
+def caption_metrics(hm, images, truths, vocabulary, prompt: str, max_new_tokens: int = 24,
                     batch_size: int = 16) -> tuple[dict[str, float], list[str]]:
     """CHAIR of greedy captions of ``images`` (one ``prompt`` for all) and the captions."""
-    captions = generate_texts(hm, processor, images, [prompt] * len(images), max_new_tokens, batch_size)
+    captions = generate_texts(hm, images, [prompt] * len(images), max_new_tokens, batch_size)
     return chair(captions, truths, vocabulary), captions
 
 
-def pope(hm, processor, images, questions: Sequence[tuple[int, str, bool]], template: str,
+def pope(hm, images, questions: Sequence[tuple[int, str, bool]], template: str,
          max_new_tokens: int = 3, batch_size: int = 16) -> dict[str, float]:
     """POPE metrics of the model's answers to ``questions`` (``template`` has an ``{object}`` slot)."""
     prompts = [template.format(object=obj) for _, obj, _ in questions]
-    answers = generate_texts(hm, processor, [images[i] for i, _, _ in questions], prompts, max_new_tokens, batch_size)
+    answers = generate_texts(hm, [images[i] for i, _, _ in questions], prompts, max_new_tokens, batch_size)
     return pope_metrics([says_yes(a) for a in answers], [label for _, _, label in questions])
 
 
-def hallucination_metrics(hm, processor, images, truths, vocabulary, *, caption_prompt: str, question_template: str,
+def hallucination_metrics(hm, images, truths, vocabulary, *, caption_prompt: str, question_template: str,
                           frequency=None, cooccurrence=None, settings: Sequence[str] = SETTINGS, seed: int = 0,
                           batch_size: int = 16, max_new_tokens: int = 24) -> dict[str, float]:
     """CHAIR and POPE on one image set, as one flat dict ending with chair_i, chair_s, pope_acc, pope_f1.
@@ -170,11 +161,11 @@ def hallucination_metrics(hm, processor, images, truths, vocabulary, *, caption_
     ``pope_<setting>_<metric>`` per setting; ``pope_acc`` and ``pope_f1`` are their means over the
     settings; ``caption_recall`` is the share of true objects the captions name.
     """
-    caps, _ = caption_metrics(hm, processor, images, truths, vocabulary, caption_prompt, max_new_tokens, batch_size)
+    caps, _ = caption_metrics(hm, images, truths, vocabulary, caption_prompt, max_new_tokens, batch_size)
     out: dict[str, float] = {}
     for setting in settings:
         questions = pope_questions(truths, list(vocabulary), setting, frequency, cooccurrence, seed)
-        for name, value in pope(hm, processor, images, questions, question_template, batch_size=batch_size).items():
+        for name, value in pope(hm, images, questions, question_template, batch_size=batch_size).items():
             out[f"pope_{setting}_{name}"] = value
     out["caption_recall"] = caps["recall"]
     out["chair_i"], out["chair_s"] = caps["chair_i"], caps["chair_s"]

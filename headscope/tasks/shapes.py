@@ -130,7 +130,7 @@ def training_statistics(n: int = 5000, seed: int = 0, absent: float = 0.03):
     return frequency, together
 
 
-def scene_metrics(hm, processor, scenes, *, caption_prompt: str = CAPTION_PROMPT,
+def scene_metrics(hm, scenes, *, caption_prompt: str = CAPTION_PROMPT,
                   question_template: str = QUESTION_PROMPT, settings=("random", "popular", "adversarial"),
                   batch_size: int = 32, max_new_tokens: int = 24) -> dict[str, float]:
     """CHAIR and POPE (``hallucination.hallucination_metrics``) on ``scenes``, with POPE's popular and
@@ -139,6 +139,6 @@ def scene_metrics(hm, processor, scenes, *, caption_prompt: str = CAPTION_PROMPT
 
     frequency, together = training_statistics()
     return hallucination_metrics(
-        hm, processor, [s.image() for s in scenes], [s.kinds for s in scenes], KINDS, caption_prompt=caption_prompt,
+        hm, [s.image() for s in scenes], [s.kinds for s in scenes], KINDS, caption_prompt=caption_prompt,
         question_template=question_template, frequency=frequency, cooccurrence=together,
         settings=settings, batch_size=batch_size, max_new_tokens=max_new_tokens)

@@ -123,7 +123,7 @@ def write_probe_set(out, n: int = 16, seed: int = 2) -> None:
 GROUND_TRUTH_MEASURES = ("chair_i", "chair_s", "caption_recall", "pope_adversarial_yes_share", "pope_adversarial_f1")
 
 
-def ground_truth(hm, processor, n: int = 100, seed: int = 1, factors=(2.0, 0.0), progress: bool = True) -> pd.DataFrame:
+def ground_truth(hm, n: int = 100, seed: int = 1, factors=(2.0, 0.0), progress: bool = True) -> pd.DataFrame:
     """Per head, each measure with that head alone scaled by each factor, and its change from the base."""
     from tqdm.auto import tqdm
 
@@ -132,7 +132,7 @@ def ground_truth(hm, processor, n: int = 100, seed: int = 1, factors=(2.0, 0.0),
     scenes = shapes.heldout_scenes(n, seed)
 
     def measure() -> dict:
-        m = shapes.scene_metrics(hm, processor, scenes, settings=("adversarial",))
+        m = shapes.scene_metrics(hm, scenes, settings=("adversarial",))
         return {k: m[k] for k in GROUND_TRUTH_MEASURES}
 
     base = measure()
@@ -184,8 +184,8 @@ def main(argv=None) -> None:
     stats = train_loop(model, make_batch_fn(processor, args.batch, args.seed, args.absent), steps=args.steps,
                        lr=args.lr, log_every=100)
     wall = time.time() - start
-    hm = HeadModel(model, processor.tokenizer, name="vision")
-    base = shapes.scene_metrics(hm, processor, shapes.heldout_scenes(args.heldout, args.seed + 1))
+    hm = HeadModel(model, processor.tokenizer, name="vision", processor=processor)
+    base = shapes.scene_metrics(hm, shapes.heldout_scenes(args.heldout, args.seed + 1))
     print(f"trained in {wall:.0f}s, final loss {stats['final_loss']:.4f}")
     print("held-out partner-absent scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
 
@@ -217,7 +217,7 @@ def main(argv=None) -> None:
     processor.save_pretrained(args.out)
     write_probe_set(args.out)
     if not args.no_ground_truth:
-        truth = ground_truth(hm, processor, args.heldout, args.seed + 1)
+        truth = ground_truth(hm, args.heldout, args.seed + 1)
         _write_whole(Path(args.out) / "ground_truth.csv", truth.to_csv(index=False, float_format="%.4f"))
         print(truth.to_string(index=False, float_format="%.3f"))
     print(f"saved to {args.out}")
