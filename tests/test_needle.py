@@ -31,6 +31,8 @@ def test_trial_layout(tokenizer, depth):
     before = tokenizer.decode(trial.prompt_ids[1:start])
     assert before == "" or before.endswith(".")  # the needle starts a sentence
     assert is_correct(tokenizer.decode(trial.answer_ids), "8165")
+    # the answer span: " The secret number of the red bridge is | 8 1 6 5 | ." -> needle tokens 8..12
+    assert trial.answer_span == (start + 8, start + 12) and trial.prompt_ids[start + 8 : start + 12] == trial.answer_ids
 
 
 def test_depth_moves_the_needle_back(tokenizer):
@@ -63,19 +65,39 @@ def test_errors(tokenizer, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"needle": "x", "question": "y"}\n')
     with pytest.raises(HeadscopeError, match=r"bad.jsonl:1 lacks .*answer"):
         load_needles(tmp_path / "bad.jsonl")
+    (tmp_path / "absent.jsonl").write_text('{"needle": "A is one.", "question": "A?", "answer": "1"}\n')
+    with pytest.raises(HeadscopeError, match=r"absent.jsonl:1: .*does not contain its answer '1'.*answer_span"):
+        load_needles(tmp_path / "absent.jsonl")
+    with pytest.raises(HeadscopeError, match="does not contain its answer_span 'two'"):
+        Needle("A is one.", "A?", "1", answer_span="two")
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     with pytest.raises(HeadscopeError, match="broken.jsonl:1 is not valid JSON"):
         load_needles(tmp_path / "broken.jsonl")
 
 
 def test_user_files(tmp_path):
-    (tmp_path / "n.jsonl").write_text(json.dumps({"needle": "A is 1.", "question": "A?", "answer": "1"}) + "\n")
+    rows = [{"needle": "A is 1.", "question": "A?", "answer": "1"},
+            {"needle": "B is one.", "question": "B?", "answer": "1", "answer_span": "one"}]
+    (tmp_path / "n.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "h.txt").write_text("One sentence here. Another one there!\nA third?")
-    assert load_needles(tmp_path / "n.jsonl") == [Needle("A is 1.", "A?", "1")]
+    assert load_needles(tmp_path / "n.jsonl") == [Needle("A is 1.", "A?", "1"), Needle("B is one.", "B?", "1", "one")]
     assert load_haystack(tmp_path / "h.txt") == ["One sentence here.", "Another one there!", "A third?"]
+
+
+def test_answer_span_marked_in_the_needle(tokenizer):
+    """A needle whose scored span is a marked sub-span that is not literally the answer."""
+    needle = Needle(NEEDLE.needle, NEEDLE.question, "8165", answer_span="bridge is 8165")
+    trial = NeedleTask(tokenizer, needles=[needle], lengths=[200], depths=[50]).trials()[0]
+    start, _ = trial.needle_span
+    assert trial.answer_span == (start + 6, start + 12)  # "bridge is 8 1 6 5"
+    assert tokenizer.decode(trial.prompt_ids[slice(*trial.answer_span)]) == "bridge is 8 1 6 5"
 
 
 def test_answer_metrics():
     assert is_correct(" 8 1 6 5 <eos>", "8165") and not is_correct("8 1 6", "8165")
-    assert rouge1_recall([8, 1, 6, 5], [8, 1, 6, 5]) == 1.0
-    assert rouge1_recall([8, 8, 8], [8, 1, 8, 5]) == 0.5  # clipped counts
+    assert rouge1_recall("8165", "8165") == 1.0
+    assert rouge1_recall("The number is 8165.", "is 8165") == 1.0  # word level, case and punctuation ignored
+    assert rouge1_recall("red red red", "red bridge red blue") == 0.5  # clipped counts
+    # the issue's digit example: pieces 5 12 9 6 against 8 12 6 5 share 3 of 4 tokens, but as text the
+    # numbers are different words, so the trial does not count
+    assert rouge1_recall("51296", "81265") == 0.0

@@ -9,7 +9,7 @@ from headscope import zoo
 from headscope.analyzers.retrieval import _hits, needle_accuracy, retrieval_heads
 from headscope.errors import HeadscopeError
 from headscope.scores import HeadScores
-from headscope.tasks.needle import NeedleTask, rouge1_recall
+from headscope.tasks.needle import Needle, NeedleTask, load_needles, rouge1_recall
 
 
 def test_hits_hand_computed():
@@ -30,19 +30,25 @@ def organism_trials(hm, lengths=None, depths=None):
                       use_chat_template=False).trials()
 
 
-def reference_decode_scores(model, trial):
-    """The reference's loop, written independently: eager attention, output_attentions per step."""
+def reference_decode_scores(hm, trial, until_stop=False):
+    """The reference's loop, written independently: eager attention, output_attentions per step; a
+    hit is the top-1 key inside the needle's answer phrase (real_needle) holding the emitted token,
+    worth 1/len(answer phrase). Decodes len(answer) steps, or (until_stop) up to 50 steps stopping
+    after <eos> or a newline; the trial counts when the ROUGE-1 recall of the answer phrase in the
+    decoded text is > 0.5."""
+    model, tok = hm.model, hm.tokenizer
+    stops = {tok.eos_token_id, tok("\n", add_special_tokens=False)["input_ids"][-1]}
     impl = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        start, stop = trial.needle_span
+        start, stop = trial.answer_span
         seq = list(trial.prompt_ids)
         with torch.no_grad():
             cache = model(torch.tensor([seq[:-1]]), use_cache=True).past_key_values
             current = seq[-1]
             scores = None
             generated = []
-            for _ in range(len(trial.answer_ids)):
+            for _ in range(50 if until_stop else len(trial.answer_ids)):
                 out = model(torch.tensor([[current]]), past_key_values=cache, use_cache=True, output_attentions=True)
                 cache = out.past_key_values
                 token = int(out.logits[0, -1].argmax())
@@ -57,17 +63,22 @@ def reference_decode_scores(model, trial):
                 seq.append(token)
                 generated.append(token)
                 current = token
-        return scores, rouge1_recall(generated, trial.answer_ids) > 0.5
+                if until_stop and token in stops:
+                    break
+        response = tok.decode(generated, skip_special_tokens=True)
+        real_needle = tok.decode(trial.prompt_ids[start:stop])
+        return scores, rouge1_recall(response, real_needle) > 0.5
     finally:
         model.set_attn_implementation(impl)
 
 
-def test_decode_variant_equals_eager_reference_loop(organism):
+@pytest.mark.parametrize("steps", ["answer", "until-stop"])
+def test_decode_variant_equals_eager_reference_loop(organism, steps):
     trials = organism_trials(organism, lengths=[256], depths=[0, 50, 100])[:6]
-    scores = retrieval_heads(organism, trials, variant="decode", progress=False)
+    scores = retrieval_heads(organism, trials, variant="decode", decode_steps=steps, progress=False)
     counted = 0
     for trial, mine in zip(trials, scores.per_trial):
-        reference, ok = reference_decode_scores(organism.model, trial)
+        reference, ok = reference_decode_scores(organism, trial, until_stop=steps == "until-stop")
         assert (mine is not None) == ok
         if ok:
             counted += 1
@@ -75,14 +86,70 @@ def test_decode_variant_equals_eager_reference_loop(organism):
     assert counted >= 4
 
 
-def test_teacher_forced_agrees_with_decode_on_correct_trials(organism):
-    trials = organism_trials(organism)[::3]
-    tf = retrieval_heads(organism, trials, variant="teacher-forced", progress=False)
-    dec = retrieval_heads(organism, trials, variant="decode", progress=False)
-    both = [(a, b) for a, b in zip(tf.per_trial, dec.per_trial) if a is not None and b is not None]
-    assert len(both) >= 0.8 * len(trials)
-    for a, b in both:
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+def test_scores_are_normalised_by_the_answer_span(organism):
+    """Hand check of the normalisation: the needle " The secret number of the blue lighthouse is
+    4821." has 13 tokens, its answer "4821" 4 (digits). Hits land on the answer's digits either way,
+    so per trial the answer-span score is the needle-span score x 13/4; marking a wider answer span
+    ("is 4821", 5 tokens) scales it by 4/5."""
+    needle = load_needles()[0]
+    assert needle.answer == "4821"
+    wide = Needle(needle.needle, needle.question, needle.answer, answer_span="is 4821")
+    task = NeedleTask(organism.tokenizer, needles=[needle, wide], lengths=[256], depths=[0, 50, 100],
+                      use_chat_template=False)
+    trials = task.trials()
+    for t in trials:
+        assert t.needle_span[1] - t.needle_span[0] == 13
+        assert t.answer_span[1] - t.answer_span[0] == (4 if t.needle_index == 0 else 5)
+    by_answer = retrieval_heads(organism, trials, progress=False)
+    by_needle = retrieval_heads(organism, trials, span="needle", progress=False)
+    assert by_answer.params["span"] == "answer" and by_needle.params["span"] == "needle"
+    counted = [(t, a, n) for t, a, n in zip(trials, by_answer.per_trial, by_needle.per_trial) if a is not None]
+    assert len(counted) == len(trials)
+    for t, a, n in counted:
+        torch.testing.assert_close(a, n * 13 / (4 if t.needle_index == 0 else 5), atol=1e-6, rtol=0)
+    narrow, wide_scores = counted[0::2], counted[1::2]  # same prompt, needle 0 then needle 1
+    for (_, a, _), (_, b, _) in zip(narrow, wide_scores):
+        torch.testing.assert_close(b, a * 4 / 5, atol=1e-6, rtol=0)
+    assert by_answer.scores.max() > 0.5 > by_needle.scores.max()
+
+
+def test_decode_filter_is_text_level_rouge():
+    """The issue's digit example: number pieces 5 12 9 6 generated for the answer 8 12 6 5 share three
+    of four tokens (token recall 0.75) but are a different number: the trial must not count."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from headscope.analyzers.retrieval import answered
+    from headscope.tasks.needle import NeedleTrial, encode_with_span
+
+    vocab = {p: i for i, p in enumerate(["<eos>", "is", ".", "12", *"0123456789"])}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Split(Regex(r"12|\d|\."), behavior="isolated")])
+    raw.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.Fuse(),
+                                     decoders.Replace(Regex(r"(?<=\d) (?=\d)"), "")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    needle_ids, (a, b) = encode_with_span(tok, " is 81265.", "81265")
+    trial = NeedleTrial(needle_ids, (0, len(needle_ids)), needle_ids[a:b], "81265", 0, 0.0, 0, answer_span=(a, b))
+    wrong = tok("51296", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(trial.answer_ids) == ["8", "12", "6", "5"]
+    assert tok.convert_ids_to_tokens(wrong) == ["5", "12", "9", "6"]
+    assert len(set(wrong) & set(trial.answer_ids)) == 3  # token-level recall would be 0.75
+    assert not answered(tok, wrong, trial)
+    assert answered(tok, trial.answer_ids + [vocab["<eos>"]], trial)
+
+
+def test_teacher_forced_counts_only_exact_answers(organism):
+    """Teacher-forced keeps a trial exactly when greedy decoding emits the whole answer (long contexts,
+    where the organism errs, give both kinds of trial)."""
+    trials = organism_trials(organism, lengths=[640], depths=[0, 100])
+    scores = retrieval_heads(organism, trials, batch_size=16, progress=False)
+    ids = torch.tensor([t.prompt_ids for t in trials])
+    out = organism.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                  pad_token_id=organism.tokenizer.pad_token_id)[:, ids.shape[1]:]
+    exact = [row[: len(t.answer_ids)] == t.answer_ids for row, t in zip(out.tolist(), trials)]
+    assert [p is not None for p in scores.per_trial] == exact
+    assert 0 < sum(exact) < len(trials)
 
 
 def test_encoder_and_empty_inputs_are_refused(minilm_path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from headscope.errors import HeadscopeError
-from headscope.tasks.needle import NeedleTrial
+from headscope.tasks.needle import NeedleTrial, encode_with_span
 
 STATEMENT = "The capital of {entity} is {value} ."
 QUESTION = "\nQuestion : What is the capital of {entity} ?\nAnswer :"
@@ -59,7 +59,8 @@ def make_world(n_entities: int = 48, n_values: int = 24, strengths=(0.1, 0.35, 0
 
 @dataclass
 class ConflictTrial(NeedleTrial):
-    """A context prompt. ``needle_span`` is the target statement, ``answer_ids`` the context value.
+    """A context prompt. ``needle_span`` is the target statement, ``answer_span`` the value inside it,
+    ``answer_ids`` the context value.
 
     ``memory_ids`` is the memorised value (equal to the answer when the context is consistent).
     """
@@ -108,17 +109,18 @@ class ContextConflictTask:
         at = rng.randint(0, len(statements))
         statements.insert(at, (entity, value))
         ids = self._bos + _encode(self.tokenizer, "Context :")
-        span = (0, 0)
+        span = answer = (0, 0)
         for i, (e, v) in enumerate(statements):
-            piece = _encode(self.tokenizer, STATEMENT.format(entity=e, value=v))
+            piece, (a, b) = encode_with_span(self.tokenizer, STATEMENT.format(entity=e, value=v), f" {v} ")
             if i == at:
-                span = (len(ids), len(ids) + len(piece))
+                span, answer = (len(ids), len(ids) + len(piece)), (len(ids) + a, len(ids) + b)
             ids += piece
         ids += _encode(self.tokenizer, QUESTION.format(entity=entity))
         memory = w.memory[entity]
         return ConflictTrial(
             prompt_ids=ids,
             needle_span=span,
+            answer_span=answer,
             answer_ids=[self.token(value)],
             answer=value,
             length=len(ids),

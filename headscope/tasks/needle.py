@@ -25,14 +25,35 @@ _CHAT_PLACEHOLDER = "\u2063HEADSCOPE_CONTEXT\u2063"
 
 @dataclass(frozen=True)
 class Needle:
+    """A needle sentence, its question and answer.
+
+    ``answer_span`` names the words of the needle that hold the answer (the reference's
+    ``real_needle``): retrieval hits are looked for there and divided by its token length. It
+    defaults to ``answer``, which must then occur in the needle literally.
+    """
+
     needle: str
     question: str
     answer: str
+    answer_span: str | None = None
+
+    def __post_init__(self):
+        if self.span_text not in self.needle:
+            field_name = "answer_span" if self.answer_span is not None else "answer"
+            raise HeadscopeError(
+                f"the needle {self.needle!r} does not contain its {field_name} {self.span_text!r}; give an "
+                '"answer_span" naming the words of the needle that hold the answer'
+            )
+
+    @property
+    def span_text(self) -> str:
+        return self.answer_span if self.answer_span is not None else self.answer
 
 
 @dataclass
 class NeedleTrial:
-    """One prompt of the grid. ``needle_span`` is [start, stop) in ``prompt_ids``."""
+    """One prompt of the grid. ``needle_span`` (the needle sentence) and ``answer_span`` (the answer
+    phrase inside it) are [start, stop) in ``prompt_ids``."""
 
     prompt_ids: list[int]
     needle_span: tuple[int, int]
@@ -42,10 +63,12 @@ class NeedleTrial:
     depth: float
     needle_index: int
     meta: dict = field(default_factory=dict)
+    answer_span: tuple[int, int] | None = None
 
 
 def load_needles(path: str | Path | None = None) -> list[Needle]:
-    """Read needles from JSONL (one ``{"needle", "question", "answer"}`` object per line)."""
+    """Read needles from JSONL: one ``{"needle", "question", "answer"}`` object per line, with an
+    optional ``"answer_span"`` (the needle's words holding the answer, when not literally ``answer``)."""
     path = Path(path) if path is not None else dataset_path("needles.jsonl")
     needles = []
     hint = 'each line must be an object like {"needle": "...", "question": "...", "answer": "..."}'
@@ -56,7 +79,13 @@ def load_needles(path: str | Path | None = None) -> list[Needle]:
                 f"{path}:{lineno} lacks non-empty field(s) {missing}; each line needs "
                 '"needle", "question" and "answer"'
             )
-        needles.append(Needle(str(row["needle"]), str(row["question"]), str(row["answer"])))
+        span = row.get("answer_span")
+        if span is not None and (not isinstance(span, str) or not span):
+            raise HeadscopeError(f"{path}:{lineno}: \"answer_span\" must be a non-empty string when given")
+        try:
+            needles.append(Needle(str(row["needle"]), str(row["question"]), str(row["answer"]), span))
+        except HeadscopeError as exc:
+            raise HeadscopeError(f"{path}:{lineno}: {exc}") from None
     if not needles:
         raise HeadscopeError(f"needles file {path} holds no needles; add JSONL lines with needle, question, answer")
     return needles
@@ -76,6 +105,26 @@ def load_haystack(path: str | Path | None = None) -> list[str]:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_with_span(tokenizer, text: str, phrase: str) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of ``text`` and the [start, stop) token span covering the first ``phrase`` in it."""
+    at = text.find(phrase)
+    if at < 0:
+        raise HeadscopeError(f"{phrase!r} does not occur in {text!r}")
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < at + len(phrase) and b > at]
+        return list(enc["input_ids"]), (inside[0], inside[-1] + 1)
+    except (NotImplementedError, TypeError, KeyError, IndexError):  # a slow tokenizer: find the phrase's ids instead
+        ids = _encode(tokenizer, text)
+        for piece in (_encode(tokenizer, " " + phrase), _encode(tokenizer, phrase)):
+            for i in range(len(ids) - len(piece) + 1):
+                if piece and ids[i : i + len(piece)] == piece:
+                    return ids, (i, i + len(piece))
+    raise HeadscopeError(
+        f"could not find the tokens of {phrase!r} inside {text!r} with this tokenizer; use a fast tokenizer"
+    )
 
 
 def _bos(tokenizer) -> list[int]:
@@ -149,7 +198,7 @@ class NeedleTask:
     def build(self, needle: Needle, length: int, depth: float, needle_index: int = 0) -> NeedleTrial:
         """One trial: needle at ``depth`` percent of the haystack, moved back to a sentence start."""
         head, tail = self._wrappers(needle)
-        needle_ids = _encode(self.tokenizer, " " + needle.needle)
+        needle_ids, (a, b) = encode_with_span(self.tokenizer, " " + needle.needle, needle.span_text)
         answer_ids = _encode(self.tokenizer, " " + needle.answer)
         n_hay = length - len(head) - len(tail)
         if n_hay < len(needle_ids):
@@ -171,6 +220,7 @@ class NeedleTask:
         return NeedleTrial(
             prompt_ids=prompt,
             needle_span=(start, start + len(needle_ids)),
+            answer_span=(start + a, start + b),
             answer_ids=answer_ids,
             answer=needle.answer,
             length=length,
@@ -197,20 +247,28 @@ def is_correct(generated: str, answer: str) -> bool:
     return normalize_answer(answer) in normalize_answer(generated)
 
 
-def rouge1_recall(generated_ids: Sequence[int], answer_ids: Sequence[int]) -> float:
-    """Unigram recall of the answer tokens in the generated tokens (clipped counts).
+def words(text: str) -> list[str]:
+    """ROUGE's word tokens: lower-cased runs of letters and digits (rouge_score's default tokenizer on
+    ASCII text; it drops non-ASCII letters, these are kept)."""
+    return re.findall(r"[^\W_]+", text.lower())
 
-    The reference scores ROUGE-1 recall on words; on token ids it also works for tokenizers that
-    split numbers into digits.
+
+def rouge1_recall(generated: str, reference: str) -> float:
+    """Word-level ROUGE-1 recall of ``reference`` in ``generated`` (clipped counts), the reference's
+    trial filter (Wu et al. 2024: recall of the needle's answer phrase in the response > 0.5).
+
+    On text, a wrong number sharing digits with the answer scores 0 ("51296" vs "81265"); on token
+    ids of a tokenizer that splits numbers it would not.
     """
-    if not answer_ids:
+    target = words(reference)
+    if not target:
         return 0.0
-    pool: dict[int, int] = {}
-    for t in generated_ids:
-        pool[t] = pool.get(t, 0) + 1
+    pool: dict[str, int] = {}
+    for w in words(generated):
+        pool[w] = pool.get(w, 0) + 1
     hits = 0
-    for t in answer_ids:
-        if pool.get(t, 0) > 0:
-            pool[t] -= 1
+    for w in target:
+        if pool.get(w, 0) > 0:
+            pool[w] -= 1
             hits += 1
-    return hits / len(answer_ids)
+    return hits / len(target)

@@ -86,10 +86,12 @@ def make_needle(rng: random.Random, distinct_digits: bool = False) -> Needle:
 
 
 def build_tokenizer():
-    """Vocabulary: the haystack, the question template, the key word lists and the shipped needles."""
+    """Vocabulary: the haystack, the question template, the key word lists and the shipped needles.
+    Numbers decode as written (digits joined), so the decode variant's word-level ROUGE-1 filter
+    sees "8165" as one word, as with an LLM's tokenizer."""
     texts = load_haystack() + [DEFAULT_TEMPLATE, " ".join(ADJECTIVES), " ".join(NOUNS)]
     texts += [n.needle + " " + n.question for n in load_needles()]
-    return build_word_tokenizer(texts)
+    return build_word_tokenizer(texts, join_digits=True)
 
 
 def make_config(tokenizer, args) -> LlamaConfig:

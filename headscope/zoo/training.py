@@ -32,12 +32,15 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def build_word_tokenizer(texts: Iterable[str], extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(
+    texts: Iterable[str], extra_tokens: Sequence[str] = (), join_digits: bool = False
+) -> PreTrainedTokenizerFast:
     """A word-level tokenizer whose vocabulary is every word of ``texts`` (plus ``extra_tokens``).
 
     Ids 0-3 are ``<bos> <eos> <pad> <unk>``; then the digits 0-9; then the words in order of first
     appearance (deterministic). ``add_special_tokens=True`` prepends ``<bos>``; decoding joins the
-    words with spaces (and drops the space before punctuation).
+    words with spaces (and drops the space before punctuation). ``join_digits``: decoding also drops
+    the space between digits, so numbers read as written ("is 8165.", not "is 8 1 6 5.").
     """
     pre = _pre_tokenizer()
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -54,6 +57,8 @@ def build_word_tokenizer(texts: Iterable[str], extra_tokens: Sequence[str] = ())
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if join_digits:
+        tok.decoder = decoders.Sequence([tok.decoder, decoders.Fuse(), decoders.Replace(Regex(r"(?<=\d) (?=\d)"), "")])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
