@@ -26,7 +26,9 @@ SCORE_SEED = 99  # the scoring prompts are drawn apart from the evaluation promp
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--prompts", type=int, default=192, help="number of swapped-context prompts")
     if command == "score":
-        parser.add_argument("--variant", choices=("teacher-forced", "decode"), default="teacher-forced")
+        from headscope.commands.needle import add_retrieval_arguments
+
+        add_retrieval_arguments(parser)
     else:
         parser.add_argument("--prompt-seed", type=int, default=1234, help="seed of the evaluation prompts")
 
@@ -47,8 +49,9 @@ def trials(args, hm, seed: int):
 def score(args, hm):
     from headscope.analyzers.retrieval import retrieval_heads
 
-    return retrieval_heads(hm, trials(args, hm, SCORE_SEED), variant=args.variant, batch_size=args.batch_size,
-                           progress=not args.quiet)
+    from headscope.commands.needle import retrieval_options
+
+    return retrieval_heads(hm, trials(args, hm, SCORE_SEED), **retrieval_options(args))
 
 
 def _by_length(items):

@@ -34,7 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--haystack", help="text file of filler sentences")
     parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
     if command == "score":
-        parser.add_argument("--variant", choices=("teacher-forced", "decode"), default="teacher-forced")
+        add_retrieval_arguments(parser)
+
+
+def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Scoring options of retrieval_heads (shared by the needle and context-conflict tasks)."""
+    from headscope.analyzers.retrieval import DECODE_STEPS, SPANS, VARIANTS
+
+    parser.add_argument("--variant", choices=VARIANTS, default="teacher-forced")
+    parser.add_argument("--span", choices=SPANS, default="answer",
+                        help="where hits count and what they are divided by: the needle's answer phrase "
+                             "(reference) or the whole needle sentence")
+    parser.add_argument("--decode-steps", choices=DECODE_STEPS, default="answer",
+                        help="decode variant: len(answer) steps, or the reference's rule (up to EOS/newline, "
+                             "at most 50 steps, every step counted)")
+
+
+def retrieval_options(args) -> dict:
+    return {"variant": args.variant, "span": args.span, "decode_steps": args.decode_steps,
+            "batch_size": args.batch_size, "progress": not args.quiet}
 
 
 def trials(args, hm):
@@ -65,7 +83,7 @@ def score(args, hm):
     from headscope.analyzers.retrieval import retrieval_heads
 
     grid = trials(args, hm)
-    return retrieval_heads(hm, grid, variant=args.variant, batch_size=args.batch_size, progress=not args.quiet)
+    return retrieval_heads(hm, grid, **retrieval_options(args))
 
 
 def evaluate(args, hm) -> dict[str, float]:
