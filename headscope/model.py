@@ -116,6 +116,8 @@ class HeadModel:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.adapter, self._layers = hooks.find_layers(model)
+        self.layer_names = [lm.name for lm in self._layers]  # e.g. "model.decoder.layers.0.encoder_attn"
+        self._rows_from = _row_partners(self._layers)
         self.geometry = self._read_geometry()
         self._depth = 0
         self._undo_attention: Callable[[], None] | None = None
@@ -163,7 +165,9 @@ class HeadModel:
             ) from None
         auto = _auto_class(config)
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        kwargs.setdefault("attn_implementation", "sdpa")  # headscope's idle layers run SDPA anyway
+        # SDPA cannot softcap attention logits (Gemma 2): such models run eager outside headscope's hooks
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        kwargs.setdefault("attn_implementation", "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa")
         with _no_loading_bars():
             model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
         model.eval()
@@ -180,8 +184,9 @@ class HeadModel:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_heads = int(text.num_attention_heads)
         d_model = int(text.hidden_size)
-        head_dim = getattr(text, "head_dim", None) or d_model // n_heads
-        n_kv = int(getattr(text, "num_key_value_heads", None) or n_heads)
+        # z's width per head: the output projection's input over the heads (MLA: the value head dim)
+        head_dim = _in_features(self._layers[0].out_proj) // n_heads
+        n_kv = int(getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or n_heads)
         attention = self._layers[0].attention
         return HeadGeometry(
             n_layers=len(self._layers),
@@ -218,6 +223,16 @@ class HeadModel:
             )
         return out
 
+    def stack_layers(self, stack: str) -> list[int]:
+        """Layer indices of one attention stack of an encoder-decoder: "encoder", "decoder" or "cross"."""
+        stacks = sorted({lm.stack for lm in self._layers if lm.stack})
+        if stack not in stacks:
+            raise HeadscopeError(
+                f"{type(self.model).__name__} has no attention stack {stack!r}; "
+                + (f"choose from {stacks}" if stacks else "it has a single stack (all layers)")
+            )
+        return [i for i, lm in enumerate(self._layers) if lm.stack == stack]
+
     def all_heads(self) -> list[Head]:
         return [(layer, head) for layer in range(self.geometry.n_layers) for head in range(self.geometry.n_heads)]
 
@@ -243,7 +258,7 @@ class HeadModel:
                 "model, HeadModel(lm) dispatches it)."
             )
         try:
-            self._undo_attention = hooks.use_headscope_attention(self.model)
+            self._undo_attention = hooks.use_headscope_attention(self.model, self.adapter, self._layers)
             for layer, modules in enumerate(self._layers):
                 hooks.set_handler(modules.attention, self._attention_handler(layer))
                 self._hook_handles.append(modules.out_proj.register_forward_pre_hook(self._out_proj_hook(layer)))
@@ -282,7 +297,9 @@ class HeadModel:
     def _attention_handler(self, layer: int):
         def handler(module, query, key, value, mask, scaling, **kwargs):
             n_q, n_k = query.shape[2], key.shape[2]
-            self._positions[layer] = range(n_k - n_q, n_k)  # absolute rows of this call
+            partner = self._rows_from.get(layer)  # cross-attention rows are its decoder block's rows
+            start = self._positions[partner].start if partner in self._positions else n_k - n_q
+            self._positions[layer] = range(start, start + n_q)  # absolute rows of this call
             for tap in self._attention_taps:  # read-only observers (headscope.cache)
                 tap(layer, query, key, value, mask, scaling, module, kwargs)
             scales = [s for l_, s in self._q_scales if l_ == layer]
@@ -304,14 +321,10 @@ class HeadModel:
     def _attention_with_stats(self, request: StatsRequest, layer, module, query, key, value, mask, scaling, **kwargs):
         from headscope_kernels import attention_received, attention_with_stats
 
-        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-            raise HeadscopeError(
-                f"{type(module).__name__} uses attention logit soft-capping or sink logits, which headscope's "
-                "statistics pass does not support yet"
-            )
         n_q, n_k = query.shape[2], key.shape[2]
-        q_offset = n_k - n_q
-        causal = mask is None and bool(getattr(module, "is_causal", False))
+        q_offset = self._positions[layer].start
+        common = hooks.kernel_arguments(module, query, mask, scaling, kwargs)  # causal, sliding_window, softcap
+        scale, bias = common.pop("scaling"), common.pop("attn_mask")  # bias: the mask plus any position bias
         lo, hi = 0, n_q
         if request.query_rows is not None:
             lo = min(max(request.query_rows[0] - q_offset, 0), n_q)
@@ -323,32 +336,30 @@ class HeadModel:
             groups = torch.full((query.shape[0], n_k), -1, dtype=torch.long, device=query.device)
             given = request.key_groups.to(query.device)[:, :n_k]
             groups[:, : given.shape[1]] = given
-        common = dict(causal=causal, sliding_window=kwargs.get("sliding_window"))
         extra = {}
         if request.match_ids is not None:
             key_ids, query_ids = (ids.to(query.device) for ids in request.match_ids)
             extra["key_match_ids"] = _fit(key_ids, n_k)
             extra["query_match_ids"] = _fit(query_ids[..., q_offset + lo :], hi - lo)
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        sub_mask = mask[:, :, lo:hi] if mask is not None and mask.shape[2] == n_q else mask
+        sub_bias = bias[:, :, lo:hi] if bias is not None and bias.shape[2] == n_q else bias
         kernel_outputs = tuple(o for o in request.outputs if o != "received")
         if lo == 0 and hi == n_q:
             stats = attention_with_stats(
-                query, key, value, scaling, q_offset=q_offset, attn_mask=mask, key_groups=groups,
+                query, key, value, scale, q_offset=q_offset, attn_mask=bias, key_groups=groups,
                 num_groups=request.num_groups, outputs=("out", "lse") + kernel_outputs, **common, **extra,
             )
             out = stats.out.transpose(1, 2).contiguous()
         else:
             out = hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)
             stats = attention_with_stats(
-                query[:, :, lo:hi], key, value, scaling, q_offset=q_offset + lo, attn_mask=sub_mask,
+                query[:, :, lo:hi], key, value, scale, q_offset=q_offset + lo, attn_mask=sub_bias,
                 key_groups=groups, num_groups=request.num_groups, outputs=("lse",) + kernel_outputs,
                 **common, **extra,
             )
         record = SimpleNamespace(**{k: v for k, v in vars(stats).items() if k != "out"})
         if "received" in request.outputs:
             record.received = attention_received(
-                query[:, :, lo:hi], key, scaling, stats.lse, q_offset=q_offset + lo, attn_mask=sub_mask, **common
+                query[:, :, lo:hi], key, scale, stats.lse, q_offset=q_offset + lo, attn_mask=sub_bias, **common
             )
         request.calls.setdefault(layer, []).append((q_offset + lo, record))
         return out
@@ -633,3 +644,17 @@ def _auto_class(config):
     if not archs and config.model_type in ("llama", "gpt2", "qwen2", "mistral", "gemma", "phi3"):
         return tf.AutoModelForCausalLM
     return tf.AutoModel
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    """Input width of a projection: nn.Linear (in_features) or GPT-2's Conv1D (nx)."""
+    width = getattr(module, "in_features", None) or getattr(module, "nx", None)
+    return int(width if width is not None else module.weight.shape[-1])
+
+
+def _row_partners(layers: list) -> dict[int, int]:
+    """Cross-attention layer -> the decoder self-attention layer of its block, whose rows it shares."""
+    self_attn = {lm.block_path: i for i, lm in enumerate(layers) if lm.stack == "decoder"}
+    return {
+        i: self_attn[lm.block_path] for i, lm in enumerate(layers) if lm.stack == "cross" and lm.block_path in self_attn
+    }

@@ -14,6 +14,8 @@ Arguments of attention_with_stats(q, k, v, scaling, ...):
   attn_mask: bool (True = keep) or additive float (0 / -inf; values below -1e30
       count as masked), broadcastable to [B, H, Nq, Nk]; sliced per tile.
   sliding_window: a query at position p sees keys j with p - j < sliding_window.
+  softcap: logit soft-capping (Gemma 2): scores s = scaling * q.k become
+      softcap * tanh(s / softcap) before masks and attn_mask biases are applied.
   key_groups, num_groups: int [Nk] or [B, Nk], group id per key in
       [0, num_groups) or -1 for none.
   key_match_ids, query_match_ids: int [C, B, Nk] and [C, B, Nq] (or [B, N] for C = 1;
@@ -102,13 +104,20 @@ def _check_qkv(q, k, v=None):
     return B, H, Nq, d, Hkv, Nk
 
 
-def _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask, sliding_window):
+def _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask, sliding_window, softcap=None):
     if q_offset is None:
         q_offset = Nk - Nq
     if not isinstance(q_offset, int) or isinstance(q_offset, bool):
         _fail(f"q_offset must be an int (absolute key position of query row 0); got {q_offset!r}")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         _fail(f"sliding_window must be a positive int or None; got {sliding_window!r}")
+    if softcap is not None:
+        try:
+            softcap = float(softcap)
+        except (TypeError, ValueError):
+            softcap = -1.0
+        if not softcap > 0:
+            _fail("softcap must be a positive float (e.g. Gemma 2's attn_logit_softcapping = 50.0) or None")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             _fail("key_padding_mask must be a bool tensor [B, Nk] (True = real token); "
@@ -129,7 +138,7 @@ def _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask,
                       f"[B, H, Nq, Nk] = {(B, H, Nq, Nk)}: its {what} dim is {have}, expected 1 or {full}")
         attn_mask = am.to(q.device)
     return dict(causal=bool(causal), q_offset=q_offset, key_padding_mask=key_padding_mask,
-                attn_mask=attn_mask, sliding_window=sliding_window)
+                attn_mask=attn_mask, sliding_window=sliding_window, softcap=softcap)
 
 
 def _per_head(x, H, name, device):
@@ -223,7 +232,7 @@ def _check_block(x, name):
 
 @torch.no_grad()
 def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_padding_mask=None,
-                         attn_mask=None, sliding_window=None, key_groups=None, num_groups=0,
+                         attn_mask=None, sliding_window=None, softcap=None, key_groups=None, num_groups=0,
                          key_match_ids=None, query_match_ids=None, outputs=("out",),
                          head_scale=None, uniform_heads=None, reweight=None,
                          backend="auto", block_q=None, block_k=None) -> AttentionStats:
@@ -247,7 +256,7 @@ def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_p
             _fail(f"unknown output {name!r}; choose from {OUTPUT_NAMES}")
     _check_block(block_q, "block_q")
     _check_block(block_k, "block_k")
-    mk = _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask, sliding_window)
+    mk = _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask, sliding_window, softcap)
     dev = q.device
 
     onehot = group_ids = None
@@ -283,6 +292,8 @@ def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_p
     unsupported = []
     if attn_mask is not None:
         unsupported.append("a general attn_mask")
+    if mk["softcap"] is not None:
+        unsupported.append("softcap")
     if v.shape[-1] != d:
         unsupported.append("a value head_dim different from the key head_dim")
     if "match_mass" in outputs and match_ids[0].shape[0] > TRITON_MAX_CHANNELS:
@@ -324,7 +335,7 @@ def attention_with_stats(q, k, v, scaling, *, causal=False, q_offset=None, key_p
 
 @torch.no_grad()
 def attention_received(q, k, scaling, lse=None, *, causal=False, q_offset=None, key_padding_mask=None,
-                       attn_mask=None, sliding_window=None, query_range=None, backend="auto",
+                       attn_mask=None, sliding_window=None, softcap=None, query_range=None, backend="auto",
                        block_q=None, block_k=None) -> torch.Tensor:
     """Softmax probability each key receives, summed over queries: float32 [B, H, Nk].
 
@@ -338,7 +349,7 @@ def attention_received(q, k, scaling, lse=None, *, causal=False, q_offset=None, 
         _fail(f"scaling must be a float (usually head_dim ** -0.5); got {scaling!r}")
     _check_block(block_q, "block_q")
     _check_block(block_k, "block_k")
-    mk = _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask, sliding_window)
+    mk = _check_masks(q, B, H, Nq, Nk, causal, q_offset, key_padding_mask, attn_mask, sliding_window, softcap)
     if query_range is None:
         query_range = (0, Nq)
     try:
@@ -352,7 +363,8 @@ def attention_received(q, k, scaling, lse=None, *, causal=False, q_offset=None, 
             _fail(f"lse must be a tensor of shape [B, H, Nq] = {(B, H, Nq)} "
                   "(attention_with_stats(..., outputs=('lse',)).lse)")
         lse = lse.to(device=q.device, dtype=torch.float32)
-    backend = _pick_backend(backend, q, "a general attn_mask" if attn_mask is not None else "")
+    backend = _pick_backend(backend, q, ", ".join(
+        x for x, on in (("a general attn_mask", attn_mask is not None), ("softcap", softcap is not None)) if on))
     if lse is None:
         lse = attention_with_stats(q, k, k, scaling, outputs=("lse",), backend=backend,
                                    block_q=block_q, block_k=block_k, **mk).lse

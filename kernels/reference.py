@@ -40,16 +40,18 @@ def default_blocks(B, H, Nq, block_q, block_k):
 
 
 class Masks:
-    """Everything that decides which (query, key) pairs are allowed, sliced per tile."""
+    """Everything that decides which (query, key) pairs are allowed, sliced per tile, and the
+    softcap that shapes the scores before that."""
 
     def __init__(self, *, B, H, Hkv, Nq, Nk, causal, q_offset, key_padding_mask,
-                 attn_mask, sliding_window, device):
+                 attn_mask, sliding_window, device, softcap=None):
         self.B, self.H, self.Hkv, self.G = B, H, Hkv, H // Hkv
         self.Nq, self.Nk = Nq, Nk
         self.causal, self.q_offset, self.window = causal, q_offset, sliding_window
         self.kpm = key_padding_mask          # bool [B, Nk] or None
         self.attn_mask = attn_mask           # 4-D, each dim 1 or full size, or None
         self.device = device
+        self.softcap = softcap               # float or None: s -> softcap * tanh(s / softcap)
 
     def key_range(self, qs, qe):
         """Keys [lo, hi) that any query row in [qs, qe) may see."""
@@ -73,6 +75,8 @@ class Masks:
     def apply(self, s, qs, qe, ks, ke):
         """Mask the score tile ``s`` [B, Hkv, G*(qe-qs), ke-ks] in place (masked -> MASKED)."""
         n, m = qe - qs, ke - ks
+        if self.softcap is not None:
+            s.div_(self.softcap).tanh_().mul_(self.softcap)
         s5 = s.view(self.B, self.Hkv, self.G, n, m)
         am = self.attn_mask
         if am is not None:

@@ -298,13 +298,15 @@ def _prec(dtype):
 
 
 def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, sliding_window,
-            group_ids, num_groups, match_ids=None, want_out=True, want_lse=False, want_groups=False,
+            group_ids, softcap=None, num_groups, match_ids=None, want_out=True, want_lse=False, want_groups=False,
             want_top1=False, want_entropy=False, want_match=False, reweight=None, head_scale=None,
             block_q=None, block_k=None, num_warps=None, num_stages=None):
     """Same contract as reference.forward (inputs validated by the dispatcher); ``num_warps`` and
     ``num_stages`` are Triton launch knobs (default: :func:`_launch`)."""
     if attn_mask is not None:
         raise ValueError("the Triton kernel does not support a general attn_mask; use backend='torch'")
+    if softcap is not None:
+        raise ValueError("the Triton kernel does not support softcap; use backend='torch'")
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dev, f32 = q.device, torch.float32
@@ -364,10 +366,12 @@ def forward(q, k, v, *, qscale, causal, q_offset, key_padding_mask, attn_mask, s
 
 
 def received(q, k, lse, *, qscale, causal, q_offset, key_padding_mask, attn_mask, sliding_window,
-             query_range, block_q=None, block_k=None, num_warps=None, num_stages=None):
+             query_range, softcap=None, block_q=None, block_k=None, num_warps=None, num_stages=None):
     """Same contract as reference.received."""
     if attn_mask is not None:
         raise ValueError("the Triton kernel does not support a general attn_mask; use backend='torch'")
+    if softcap is not None:
+        raise ValueError("the Triton kernel does not support softcap; use backend='torch'")
     B, H, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     BM, BN, BD = _blocks(block_q, block_k, d, q.dtype)

@@ -1,0 +1,109 @@
+"""The architecture coverage matrix (headscope/coverage.py): every family against eager attention.
+
+Each family is a tiny random-init model; see the module docstring for the four checks. The README
+table is generated from the same table rows, and a test keeps it in sync.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from headscope import coverage, hooks
+from headscope.errors import HeadscopeError
+from headscope.model import HeadModel
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("fam", coverage.FAMILIES, ids=lambda f: f.name)
+def test_family(fam):
+    results = coverage.run_family(fam)
+    if fam.unsupported:  # refused with a HeadscopeError that says why, never a shape error
+        assert fam.unsupported in results["refused"], results
+    else:
+        assert results == coverage.expected(fam), results
+
+
+def test_matrix_covers_the_issue_families():
+    supported = [f for f in coverage.FAMILIES if not f.unsupported]
+    assert len(supported) >= 25
+    types = {f.model_type for f in supported}
+    assert {"gpt_neox", "opt", "falcon", "gemma2", "deepseek_v3", "t5", "bart", "gptj", "qwen3_moe", "jamba"} <= types
+
+
+@pytest.mark.parametrize("name, drop", [("Gemma 2", "softcap"), ("T5", "attn_mask")])
+def test_stats_check_catches_a_dropped_score_term(monkeypatch, name, drop):
+    """Negative control: without the softcap (Gemma 2) or T5's position bias the statistics check fails."""
+    fam = coverage.family(name)
+    model = coverage.build_model(fam)
+    inputs = coverage.sample_inputs(model)
+    patterns = coverage.eager_patterns(model, inputs)
+    real = hooks.kernel_arguments
+
+    def without(*args, **kwargs):
+        return {**real(*args, **kwargs), drop: None}
+
+    monkeypatch.setattr(hooks, "kernel_arguments", without)
+    with pytest.raises(AssertionError):
+        coverage.check_stats(HeadModel(model), inputs, patterns)
+
+
+def test_gemma2_alternates_sliding_and_global_layers_at_twice_the_window():
+    model = coverage.build_model(coverage.family("Gemma 2"))
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert coverage.SEQ >= 2 * model.config.sliding_window
+
+
+def test_encoder_decoder_stacks_are_named_and_selectable():
+    hm = HeadModel(coverage.build_model(coverage.family("T5")))
+    assert hm.stack_layers("encoder") == [0, 1] and hm.stack_layers("decoder") == [2, 3]
+    assert hm.stack_layers("cross") == [4, 5]
+    assert hm.layer_names[4] == "decoder.block.0.layer.1.EncDecAttention"
+    with pytest.raises(HeadscopeError, match="choose from"):
+        hm.stack_layers("middle")
+    llama = HeadModel(coverage.build_model(coverage.family("Llama")))
+    with pytest.raises(HeadscopeError, match="single stack"):
+        llama.stack_layers("cross")
+
+
+def test_mla_head_dim_is_the_value_head_dim():
+    hm = HeadModel(coverage.build_model(coverage.family("DeepSeek-V3")))
+    assert hm.geometry.head_dim == 6  # v_head_dim; queries and keys have 8 + 4
+
+
+def test_hybrid_keeps_only_attention_blocks():
+    hm = HeadModel(coverage.build_model(coverage.family("Jamba (attention layers)")))
+    assert hm.layer_names == ["model.layers.1.self_attn", "model.layers.3.self_attn"]
+
+
+def test_unknown_layout_names_the_model():
+    blob = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(HeadscopeError, match="Sequential: its module layout matches none of the supported families"):
+        hooks.find_layers(blob)
+
+
+def test_readme_table_is_generated_from_the_matrix():
+    section = coverage.readme_section(README.read_text())
+    assert section is not None, "README lacks the coverage-table markers"
+    assert section == coverage.render_table(), "README table is stale: run python -m headscope.coverage --readme README.md"
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "headscope.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("name", ["GPT-NeoX (Pythia)", "Gemma 2"])
+def test_cli_end_to_end_on_a_local_folder(tmp_path, name):
+    coverage.save_family(coverage.family(name), tmp_path / "model")
+    score = _cli("score", "--task", "induction", "--model", "./model", "--out", "ranking.csv", "--quiet", cwd=tmp_path)
+    assert score.returncode == 0, score.stderr
+    rows = (tmp_path / "ranking.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("layer,head,score") and len(rows) == 1 + 2 * 4  # 2 layers x 4 heads
+    gen = _cli("generate", "--model", "./model", "--prompt", "a b c a b", "--ablate", "ranking.csv", "--top", "3",
+               "--max-new-tokens", "4", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert "ablating (zero, both)" in gen.stdout
