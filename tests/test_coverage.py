@@ -4,8 +4,6 @@ Each family is a tiny random-init model; see the module docstring for the four c
 table is generated from the same table rows, and a test keeps it in sync.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,19 +89,29 @@ def test_readme_table_is_generated_from_the_matrix():
     assert section == coverage.render_table(), "README table is stale: run python -m headscope.coverage --readme README.md"
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "headscope.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and spins no idle workers on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", ["GPT-NeoX (Pythia)", "Gemma 2"])
-def test_cli_end_to_end_on_a_local_folder(tmp_path, name):
+def test_cli_end_to_end_on_a_local_folder(tmp_path, monkeypatch, capsys, name):
+    """``headscope score --task induction`` then ``headscope generate --ablate`` on a local folder
+    (in-process through the CLI's main; tests/test_cli.py covers the console-script subprocess)."""
+    from headscope.cli import main
+
     coverage.save_family(coverage.family(name), tmp_path / "model")
-    score = _cli("score", "--task", "induction", "--model", "./model", "--out", "ranking.csv", "--quiet", cwd=tmp_path)
-    assert score.returncode == 0, score.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--task", "induction", "--model", "./model", "--out", "ranking.csv", "--quiet"]) == 0
     rows = (tmp_path / "ranking.csv").read_text().strip().splitlines()
     assert rows[0].startswith("layer,head,score") and len(rows) == 1 + 2 * 4  # 2 layers x 4 heads
-    gen = _cli("generate", "--model", "./model", "--prompt", "a b c a b", "--ablate", "ranking.csv", "--top", "3",
-               "--max-new-tokens", "4", cwd=tmp_path)
-    assert gen.returncode == 0, gen.stderr
-    assert "ablating (zero, both)" in gen.stdout
+    capsys.readouterr()
+    code = main(["generate", "--model", "./model", "--prompt", "a b c a b", "--ablate", "ranking.csv", "--top", "3",
+                 "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "ablating (zero, both)" in out.out
