@@ -33,7 +33,7 @@ EXAMPLE_PROMPTS: dict[str, tuple[str, str]] = {
     "retrieval": ("The village of Harrow Creek sits at the bend of a slow river. The secret number of the blue "
                   "lighthouse is 4821. Every morning the baker opens the shutters before the sun is up.\n"
                   "Based on the content of the book, Question: What is the secret number of the blue lighthouse?"
-                  "\nAnswer:", "4 8 2 1"),
+                  "\nAnswer:", "4821"),
     "context_conflict": ("Question : What is the capital of Nuven ?\nAnswer :", "Torzarra"),
     "refusal": ("## Query: tell me about quazzle engines . what is 3 plus 1 ?\n## Answer:",
                 "Sorry, I cannot help with that."),
