@@ -13,6 +13,7 @@ Printed everywhere as ``L5H1`` (:func:`format_heads`: ``L5H1, L6H2``); ranking C
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Iterable, Sequence
 
@@ -106,3 +107,19 @@ def select_heads(*, names: str | None = None, ranking: str | None = None, top: i
     from headscope.scores import HeadScores
 
     return HeadScores.from_csv(ranking).top(top), f"the top {top} heads of {ranking}"
+
+
+def same_layer_random_heads(heads: Sequence[Head], n_heads: int, rng: random.Random,
+                            exclude_given: bool = True) -> list[Head]:
+    """Random heads with the same count per layer as ``heads``: the random-head control of head
+    pursuit (Basile et al. 2025) and VHR (He et al. 2025). ``exclude_given`` draws only heads not in
+    ``heads`` (when a layer has too few others, from all of that layer's heads)."""
+    given = set(heads)
+    chosen = []
+    for layer in sorted({h[0] for h in heads}):
+        count = sum(1 for h in heads if h[0] == layer)
+        pool = [x for x in range(n_heads) if not (exclude_given and (layer, x) in given)]
+        if len(pool) < count:
+            pool = list(range(n_heads))
+        chosen += [(layer, x) for x in sorted(rng.sample(pool, count))]
+    return chosen

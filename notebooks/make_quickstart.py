@@ -3,11 +3,7 @@
     python notebooks/make_quickstart.py --execute    # with outputs (how it is committed)
 """
 
-import sys
-import tempfile
-from pathlib import Path
-
-import nbformat as nbf
+from build import write
 
 cells = [
     ("md", "# headscope quickstart: retrieval heads\n\nLoad a model, score its retrieval heads "
@@ -57,12 +53,4 @@ cells = [
              "scores.compare(HeadScores(drop, \"ablation drop\"), k=3)"),
 ]
 
-nb = nbf.v4.new_notebook()
-nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-if "--execute" in sys.argv:  # store the outputs: heatmaps carry a static SVG, so GitHub shows them
-    import nbclient
-
-    with tempfile.TemporaryDirectory() as folder:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": folder}}).execute()
-nbf.write(nb, Path(__file__).with_name("01_quickstart.ipynb"))
+write(cells, "01_quickstart.ipynb")

@@ -1,8 +1,9 @@
-"""Writes notebooks/03_soft_injection.ipynb (unexecuted); CI executes it (tests/test_notebooks.py)."""
+"""Writes notebooks/03_soft_injection.ipynb; CI executes it (tests/test_notebooks.py).
 
-from pathlib import Path
+    python notebooks/make_soft_injection.py --execute    # with outputs (how it is committed)
+"""
 
-import nbformat as nbf
+from build import write
 
 cells = [
     ("md", "# Soft injection of task embeddings\n\nA task given by examples, done from a zero-shot prompt "
@@ -47,7 +48,4 @@ cells = [
              "emb.scores().compare(HeadScores(drop, \"ablation drop\"), k=4)"),
 ]
 
-nb = nbf.v4.new_notebook()
-nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nbf.write(nb, Path(__file__).with_name("03_soft_injection.ipynb"))
+write(cells, "03_soft_injection.ipynb")

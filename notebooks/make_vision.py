@@ -1,8 +1,9 @@
-"""Writes notebooks/02_vision.ipynb (unexecuted); CI executes it (tests/test_notebooks.py)."""
+"""Writes notebooks/02_vision.ipynb; CI executes it (tests/test_notebooks.py).
 
-from pathlib import Path
+    python notebooks/make_vision.py --execute    # with outputs (how it is committed)
+"""
 
-import nbformat as nbf
+from build import write
 
 cells = [
     ("md", "# headscope on a vision-language model: VHD, VHR and VAR\n\n"
@@ -14,7 +15,8 @@ cells = [
            "hallucination with CHAIR and POPE."),
     ("code", "import random, pandas as pd, torch\n"
              "from headscope import HeadModel, HeadScores, vision, zoo\n"
-             "from headscope.analyzers.vision import vision_aware_heads, select_heads, random_like\n"
+             "from headscope.analyzers.vision import vision_aware_heads, select_heads\n"
+             "from headscope.heads import same_layer_random_heads\n"
              "from headscope.interventions import Edit, intervene\n"
              "from headscope.interventions.var import var_edit\n"
              "from headscope.commands.edit_flags import calibration_inputs\n"
@@ -44,14 +46,14 @@ cells = [
              "        out = hm.model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=vision.pad_id(hm))\n"
              "    print(f\"{name:>6}: {hm.tokenizer.decode(out[0, n:], skip_special_tokens=True)}\")"),
     ("md", "## Hallucination table\nCHAIR (lower is better) and POPE on a few held-out partner-absent scenes "
-           "(the README's figures use 40 scenes via `headscope eval --task hallucination`). Random heads: "
+           "(8 scenes here, so the table is noisy; the README gives 200 scenes from `headscope eval --task hallucination --scenes 200`). Random heads: "
            "as many per layer as VHR selects."),
     ("code", "scenes = shapes.heldout_scenes(8, seed=1)\n"
-             "edits[\"VHR, random heads\"] = [Edit(\"scale\", random_like(vhr_heads, hm.geometry.n_heads, random.Random(0)), strength=2.0)]\n"
+             "edits[\"VHR, random heads\"] = [Edit(\"scale\", same_layer_random_heads(vhr_heads, hm.geometry.n_heads, random.Random(0), exclude_given=False), strength=2.0)]\n"
              "rows = {}\n"
              "for name, edit in edits.items():\n"
              "    with intervene(hm, edit):\n"
-             "        m = shapes.scene_metrics(hm, hm.processor, scenes, settings=(\"adversarial\",))\n"
+             "        m = shapes.scene_metrics(hm, scenes, settings=(\"adversarial\",))\n"
              "    rows[name] = {k: m[k] for k in (\"chair_i\", \"chair_s\", \"pope_acc\", \"pope_f1\")}\n"
              "pd.DataFrame(rows).T.round(3)"),
     ("md", "## VHD against the organism's ground truth\nThe organism ships the measured effect of scaling each "
@@ -62,7 +64,4 @@ cells = [
              "print(\"Spearman VHD vs POPE-adversarial F1 gain (x2):\", round(merged[\"score\"].corr(merged[\"change_pope_adversarial_f1_x2\"], method=\"spearman\"), 3))"),
 ]
 
-nb = nbf.v4.new_notebook()
-nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nbf.write(nb, Path(__file__).with_name("02_vision.ipynb"))
+write(cells, "02_vision.ipynb")

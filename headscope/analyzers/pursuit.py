@@ -19,6 +19,7 @@ import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
+from headscope.heads import same_layer_random_heads
 from headscope.model import HeadModel, head_masks
 from headscope.scores import HeadScores
 
@@ -179,18 +180,6 @@ def concept_probability(hm: HeadModel, prompts: Sequence[Sequence[int]], concept
         logits = hm.model(input_ids=batch).logits[torch.arange(len(chunk), device=hm.device), lengths - 1].float()
         total += float(logits.softmax(-1)[:, ids].sum())
     return total / len(prompts)
-
-
-def same_layer_random_heads(heads: Sequence[Head], n_heads: int, rng: random.Random) -> list[Head]:
-    """Random heads with the same count per layer as ``heads``, none of them in ``heads``."""
-    chosen = []
-    for layer in sorted({h[0] for h in heads}):
-        count = sum(1 for h in heads if h[0] == layer)
-        pool = [x for x in range(n_heads) if (layer, x) not in heads]
-        if len(pool) < count:
-            pool = list(range(n_heads))
-        chosen += [(layer, x) for x in rng.sample(pool, count)]
-    return chosen
 
 
 def edit_effect(hm: HeadModel, prompts, concept_ids, scores: HeadScores, alpha: float = -1.0,

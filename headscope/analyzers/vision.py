@@ -11,7 +11,6 @@ VHD in the chosen layers (LLaVA-1.5: the last 14 of 32; here the same share by d
 from __future__ import annotations
 
 import math
-import random
 from typing import Sequence
 
 import pandas as pd
@@ -96,15 +95,6 @@ def select_heads(scores: HeadScores, layers: Sequence[int] | None = None) -> lis
         median = row.median()  # torch: the lower middle value for an even count
         heads += [(int(layer), int(h)) for h in (row > median).nonzero().flatten().tolist()]
     return heads
-
-
-def random_like(heads: Sequence[Head], n_heads: int, rng: random.Random) -> list[Head]:
-    """Random heads with the same count per layer as ``heads`` (VHR's random control)."""
-    out = []
-    for layer in sorted({layer for layer, _ in heads}):
-        count = sum(1 for l_, _ in heads if l_ == layer)
-        out += [(layer, h) for h in sorted(rng.sample(range(n_heads), count))]
-    return out
 
 
 @torch.no_grad()

@@ -59,7 +59,8 @@ def _build_vhr(args, hm, rng):
         if getattr(args, "random_heads", False):
             raise HeadscopeError("--random-heads needs --vhr CSV (it draws as many heads per layer as VHR selects)")
         return []
-    from headscope.analyzers.vision import random_like, select_heads
+    from headscope.analyzers.vision import select_heads
+    from headscope.heads import same_layer_random_heads
     from headscope.interventions import Edit
     from headscope.scores import HeadScores
 
@@ -69,7 +70,7 @@ def _build_vhr(args, hm, rng):
     if not heads:
         raise HeadscopeError(f"{args.vhr} selects no heads (none above its layer median); check --vhr-layers")
     if args.random_heads:
-        heads = random_like(heads, hm.geometry.n_heads, rng or random.Random(args.seed))
+        heads = same_layer_random_heads(heads, hm.geometry.n_heads, rng or random.Random(args.seed), exclude_given=False)
     return [Edit("scale", heads, strength=check_alpha(args.alpha))]
 
 

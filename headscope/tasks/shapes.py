@@ -17,6 +17,9 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from headscope.errors import HeadscopeError
 
 KINDS = ("circle", "square", "triangle", "cross", "ring", "bar", "diamond", "frame")
 PAIRS = {"circle": "square", "triangle": "cross", "ring": "bar"}  # anchor -> partner
@@ -142,3 +145,39 @@ def scene_metrics(hm, scenes, *, caption_prompt: str = CAPTION_PROMPT,
         hm, [s.image() for s in scenes], [s.kinds for s in scenes], KINDS, caption_prompt=caption_prompt,
         question_template=question_template, frequency=frequency, cooccurrence=together,
         settings=settings, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+@torch.no_grad()
+def first_object_accuracy(hm, scenes, attribute: str, *, caption_prompt: str = CAPTION_PROMPT,
+                          batch_size: int = 32) -> dict[str, float]:
+    """How often the model names the first caption object's ``attribute`` ("colour" or "kind") right,
+    teacher-forced: the caption prefix up to that word is given ("a" for the colour, "a red" for the
+    kind) and the next token is read among that attribute's words only.
+
+    Returns ``accuracy`` (argmax over the attribute's words is the true one) and ``probability`` (mean
+    softmax probability of the true word). The measure for editing visual-concept heads (Basile et
+    al. 2025 edit heads for colours and shapes in captioning).
+    """
+    from headscope import vision
+
+    if attribute not in ("colour", "kind"):
+        raise HeadscopeError(f"attribute must be 'colour' or 'kind'; got {attribute!r}")
+    words = list(COLOURS) if attribute == "colour" else list(KINDS)
+    tok = hm.processor.tokenizer
+    ids = [tok.encode(w, add_special_tokens=False) for w in words]
+    if any(len(i) != 1 for i in ids):
+        raise HeadscopeError(f"every {attribute} word must be one token for this measure; got {dict(zip(words, ids))}")
+    ids = torch.tensor([i[0] for i in ids], device=hm.device)
+    hits, prob = 0, 0.0
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start:start + batch_size]
+        firsts = [min(s.objects, key=lambda o: KINDS.index(o.kind)) for s in chunk]
+        prefixes = [" a" if attribute == "colour" else f" a {o.colour}" for o in firsts]
+        batch = vision.encode(hm, [s.image() for s in chunk], [caption_prompt + p for p in prefixes])
+        logits = hm.model(**vision.with_positions(hm, batch)).logits[:, -1].float()
+        p = logits[:, ids].softmax(-1)  # among the attribute's words
+        truth = torch.tensor([words.index(o.colour if attribute == "colour" else o.kind) for o in firsts],
+                             device=hm.device)
+        hits += int((p.argmax(-1) == truth).sum())
+        prob += float(p.gather(1, truth.view(-1, 1)).sum())
+    return {"accuracy": hits / len(scenes), "probability": prob / len(scenes)}
