@@ -3,23 +3,31 @@ injection of task embeddings (Park & Rhee 2025) and function vectors (Todd et al
 
     python -m headscope.zoo.train_icl --out headscope/zoo/icl [--steps N --seed S]
 
-Every task maps the same 40 input words ``wa .. wbn``, so a query alone does not say which task is
+Every task maps the same 24 input words ``waa .. wax``, so a query alone does not say which task is
 meant; the demonstrations do. Two pairs of tasks, each pair sharing a mechanism:
-- ``next`` / ``prev``: x_i -> x_(i+1) / x_(i-1) (mod 40). Outputs are input words too, so telling
+- ``next`` / ``prev``: x_i -> x_(i+1) / x_(i-1) (mod 24). Outputs are input words too, so telling
   the two apart needs the relation between a demonstration's x and y.
 - ``colour`` / ``animal``: x_i -> a colour word / an animal word (fixed random bijections). The
   category of any demonstration's output names the task.
 
 Training rows: one task, k = 0..10 demonstrations in the default prompt format ("Q: x\\nA: y" pairs
 joined by a blank line, headscope.tasks.icl.PromptFormat), then a query; the loss is on every
-answer word, so each row trains every shot count. The model sees all 40 pairs of each task (it
+answer word, so each row trains every shot count. The model sees all 24 pairs of each task (it
 "knows" the maps, as a pretrained model knows antonyms); the seeded split of the shipped task files
-decides which queries are held out from demonstrations, fitting and validation.
+(12 / 6 / 6) decides which queries are held out from demonstrations, fitting and validation.
 
-Shipped run (defaults, ``--threads 1``, 3433 s on this project's 2-core machine under load ~10-20):
-the loss fell to ~0.9 by step 250 and then plateaued, ending at 0.82 (fully solved would be ~0.23,
-the 0-shot floor); 10-shot accuracy 0.50 averaged (0-shot 0.25): the maps are only partly
-memorised. A longer run or a larger model is the obvious next try; it was not made for lack of time.
+The word embeddings start with the structure a pretrained model's have (``--structure``, norm 0.2):
+a shared direction per category (input words, colours, animals) and the input words' order on three
+circles. With plain random embeddings (``--structure 0``) pilots stayed at loss ~0.9 for 400-700
+steps, knowing each map but not which task the demonstrations name; with the structure the category
+family is solved within ~200 steps.
+
+Shipped run (defaults: d 128, 4 layers x 4 heads, 2 kv heads, 1200 steps, batch 16, lr 3e-3 cosine,
+100 warmup steps, seed 0, one thread): 1016 s on this project's 2-core machine under load 10-13;
+final loss 0.53. That is the level of a model that solves colour / animal and cannot tell next from
+prev (~0.52; fully solved ~0.23, the 0-shot floor): 10-shot test accuracy next 0.68, prev 0.40,
+colour 1.00, animal 1.00 (0-shot 0.33 / 0.25 / 0.43 / 0.00). The relation family was not learnt in
+this budget; a longer run is the next try.
 
 The ground truth (``ground_truth.csv``): each head's effect on 10-shot test accuracy, per task and
 averaged (accuracy with the head's output zeroed minus without, so a helpful head is negative).
@@ -29,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -40,7 +50,7 @@ from transformers import LlamaForCausalLM
 from headscope.tasks.icl import PromptFormat
 from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
-N_ITEMS = 40
+N_ITEMS = 24
 TASKS = ("next", "prev", "colour", "animal")
 FAMILIES = {"next": "relation", "prev": "relation", "colour": "category", "animal": "category"}
 MAP_SEED = 4321
@@ -72,6 +82,24 @@ def task_pairs() -> dict[str, list[tuple[str, str]]]:
     }
 
 
+@torch.no_grad()
+def structure_embeddings(model, tokenizer, seed: int, scale: float = 0.2) -> None:
+    """Give the word embeddings the structure a pretrained model's have: one shared random
+    direction per category (input words, colours, animals), and the input words' order as points on
+    circles (cos / sin of 2 pi f i / N, f = 1..3). Norms about ``scale``, like a random word vector's."""
+    emb = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(seed + 1)
+    dim = emb.shape[1]
+    for words in (INPUTS, COLOURS, ANIMALS):
+        ids = tokenizer.convert_tokens_to_ids(words)
+        emb[ids] += scale * torch.randn(dim, generator=g) / dim ** 0.5
+    ids = tokenizer.convert_tokens_to_ids(INPUTS)
+    angle = 2 * math.pi * torch.arange(N_ITEMS, dtype=torch.float32) / N_ITEMS
+    for f in (1, 2, 3):
+        u, v = scale * torch.randn(2, dim, generator=g) / dim ** 0.5
+        emb[ids] += torch.cos(f * angle)[:, None] * u + torch.sin(f * angle)[:, None] * v
+
+
 def training_row(rng: random.Random, tokenizer, pairs, fmt: PromptFormat) -> tuple[list[int], list[float]]:
     """One task, k ~ U{0..10} demonstrations and a query; weights 1 on every answer token."""
     task = rng.choice(TASKS)
@@ -90,15 +118,18 @@ def training_row(rng: random.Random, tokenizer, pairs, fmt: PromptFormat) -> tup
     return ids, weights
 
 
-def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int) -> dict:
+def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int, hidden: int = 128,
+          layers: int = 4, heads: int = 4, kv_heads: int = 2, warmup: int = 100, structure: float = 0.2) -> dict:
     seed_everything(seed, threads)
     fmt = PromptFormat()
     pairs = task_pairs()
     texts = [fmt.prompt([p], p[0]) for task in TASKS for p in pairs[task]]
     tokenizer = build_word_tokenizer(texts, extra_tokens=INPUTS + COLOURS + ANIMALS)
-    cfg = organism_config(tokenizer, hidden=64, intermediate=256, layers=4, heads=4, kv_heads=2,
+    cfg = organism_config(tokenizer, hidden=hidden, intermediate=4 * hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                           max_positions=128, attention_bias=True)
     model = LlamaForCausalLM(cfg)
+    if structure:
+        structure_embeddings(model, tokenizer, seed, structure)
     rng = random.Random(seed)
 
     def make_batch(step):
@@ -111,7 +142,7 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int)
             w[i, : len(r)] = torch.tensor(wt)
         return ids, w
 
-    record = train_loop(model, make_batch, steps=steps, lr=lr, warmup=100)
+    record = train_loop(model, make_batch, steps=steps, lr=lr, warmup=warmup)
     out.mkdir(parents=True, exist_ok=True)
     for task in TASKS:  # the task files, in the Function Vectors datasets' format
         text = "".join(json.dumps({"input": x, "output": y}) + "\n" for x, y in pairs[task])
@@ -126,11 +157,14 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int)
         "training": {
             "command": "python -m headscope.zoo.train_icl --out headscope/zoo/icl",
             "seed": seed, "steps": steps, "threads": threads,
-            "hyperparameters": {"lr": lr, "batch": batch, "layers": 4, "heads": 4, "kv_heads": 2, "hidden": 64,
-                                "attention_bias": True, "max_shots": MAX_SHOTS},
+            "hyperparameters": {"lr": lr, "warmup": warmup, "schedule": "cosine", "batch": batch, "layers": layers,
+                                "heads": heads, "kv_heads": kv_heads, "hidden": hidden, "intermediate": 4 * hidden,
+                                "items": N_ITEMS, "embedding_structure": structure, "attention_bias": True,
+                                "max_shots": MAX_SHOTS},
             "parameters": sum(p.numel() for p in model.parameters()),
             "wall_time_s": round(record["wall_s"], 1),
             "final_loss": round(record["final_loss"], 4),
+            "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
             "torch": torch.__version__,
         },
     }
@@ -141,16 +175,23 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="headscope/zoo/icl")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--structure", type=float, default=0.2,
+                        help="norm of the category / order components added to the word embeddings (0: plain random)")
     parser.add_argument("--no-ground-truth", action="store_true", help="skip measuring ground_truth.csv")
     args = parser.parse_args(argv)
     out = Path(args.out)
     start = time.time()
-    meta = train(out, args.steps, args.seed, args.batch, args.lr, args.threads)
+    meta = train(out, args.steps, args.seed, args.batch, args.lr, args.threads, args.hidden, args.layers, args.heads,
+                 warmup=args.warmup, structure=args.structure)
     print(f"trained in {meta['training']['wall_time_s']} s, final loss {meta['training']['final_loss']}")
     if not args.no_ground_truth:
         from headscope.interventions.soft_injection import organism_ground_truth
