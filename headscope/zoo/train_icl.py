@@ -149,8 +149,9 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int,
         (out / f"{task}.jsonl").write_text(text)
     meta = {
         "name": "icl",
-        "description": "Tiny GQA Llama that learns four word-to-word tasks in context (next / prev share a relation "
-        "mechanism, colour / animal a category one); 0-shot it cannot tell them apart.",
+        "description": "Tiny GQA Llama with four word-to-word tasks told apart by demonstrations (next / prev share a "
+        "relation mechanism, colour / animal a category one; it learnt colour / animal in context, not next / prev); "
+        "0-shot it cannot tell them apart.",
         "tasks": list(TASKS),
         "families": FAMILIES,
         "task_files": [f"{t}.jsonl" for t in TASKS],
