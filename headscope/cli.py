@@ -14,7 +14,15 @@ import sys
 
 from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags
 from headscope.errors import HeadscopeError
-from headscope.heads import EXAMPLES, format_head, format_heads, parse_heads, select_heads
+from headscope.heads import EXAMPLES, check_ranking, check_selection, format_head, format_heads, parse_heads, select_heads
+from headscope.validate import check_output, finite_float, nonnegative_int, positive_int
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors end as one ``error:`` line like every other bad input."""
+
+    def error(self, message):
+        raise HeadscopeError(f"{message} (see `{self.prog} --help`)")
 
 
 def _tasks() -> dict:
@@ -31,7 +39,7 @@ def _common(parser: argparse.ArgumentParser, tasks: dict, command: str, chosen) 
     parser.add_argument("--model", default=None, help="shipped organism, local folder or hub id (default: the task's organism)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     if chosen is not None:
         chosen.add_arguments(parser, command)
@@ -41,13 +49,13 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     """The parser; ``task`` (from a first look at argv) adds that task's own options."""
     tasks = _tasks()
     chosen = tasks.get(task)
-    parser = argparse.ArgumentParser(prog="headscope", description="Score, rank and edit attention heads.")
+    parser = _Parser(prog="headscope", description="Score, rank and edit attention heads.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     score = sub.add_parser("score", help="score every head for a task; print and export the ranking")
     _common(score, tasks, "score", chosen)
     score.add_argument("--out", help="write the ranking CSV here (plus a .json metadata sidecar)")
-    score.add_argument("--show", type=int, default=10, help="how many top heads to print")
+    score.add_argument("--show", type=nonnegative_int, default=10, help="how many top heads to print")
 
     ev = sub.add_parser("eval", help="the task metric, optionally with heads ablated")
     _common(ev, tasks, "eval", chosen)
@@ -58,7 +66,7 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--exclude", metavar="CSV|HEADS",
                     help="with --random: never draw this ranking's --top heads, or these heads (L1H5,L1H4)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--draws", type=int, default=1, help="with --random: average over this many draws")
+    ev.add_argument("--draws", type=positive_int, default=1, help="with --random: average over this many draws")
     ev.add_argument("--ablation", choices=("zero", "uniform"), default="zero",
                     help="zero the head output, or give it uniform attention")
     add_edit_arguments(ev)
@@ -68,7 +76,28 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         module.add_arguments(sub.add_parser(module.NAME, help=module.HELP))
+    _finite_floats(parser)
     return parser
+
+
+def _finite_floats(parser: argparse.ArgumentParser) -> None:
+    """Every float option of every command refuses nan and inf (they make results meaningless)."""
+    for action in parser._actions:
+        if action.type is float:
+            action.type = finite_float
+        for child in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            _finite_floats(child)
+
+
+def check_outputs(args) -> None:
+    """Output paths (--out ranking CSV, --plot, --state) checked before any model is loaded."""
+    from headscope.scores import check_ranking_path
+
+    if getattr(args, "out", None):
+        check_ranking_path(args.out)
+    for name in ("plot", "state"):
+        if getattr(args, name, None):
+            check_output(args.__dict__[name], f"--{name} file")
 
 
 def _peek_task(argv: list[str]) -> str | None:
@@ -84,8 +113,6 @@ def load_model(args):
     """The model named by --model (or the task's default organism) as a HeadModel."""
     from headscope.model import HeadModel
 
-    if getattr(args, "batch_size", 1) < 1:
-        raise HeadscopeError(f"--batch-size must be >= 1; got {args.batch_size}")
     return HeadModel.load(args.model, device=args.device, dtype=args.dtype)
 
 
@@ -108,7 +135,7 @@ def _score(args, task) -> int:
 
 def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     """--top K (of a ranking CSV) and --heads NAMES: the two ways to say which heads to edit."""
-    parser.add_argument("--top", type=int, help="how many of the ranking's top heads")
+    parser.add_argument("--top", type=positive_int, help="how many of the ranking's top heads")
     parser.add_argument("--heads", metavar="NAMES",
                         help=f"the heads to edit, by name instead of a ranking CSV: {EXAMPLES}")
 
@@ -141,10 +168,18 @@ def edit_mode(args) -> str:
     return mode
 
 
+def check_edit_heads(args, mode: str) -> None:
+    """``--MODE CSV --top K`` or ``--MODE --heads NAMES`` checked before the model loads."""
+    if mode in ("ablate", "scale", "decore"):
+        check_selection(names=args.heads, ranking=getattr(args, mode) or None, top=args.top, option="--" + mode)
+
+
 def edit_heads(args, hm, mode: str):
-    """The heads ``--MODE CSV --top K`` or ``--MODE --heads NAMES`` names, checked against the model."""
+    """The heads ``--MODE CSV --top K`` or ``--MODE --heads NAMES`` names, checked against the model
+    (a ranking CSV is read on the model's grid)."""
+    grid = (hm.geometry.n_layers, hm.geometry.n_heads)
     heads, how = select_heads(names=args.heads, ranking=getattr(args, mode) or None, top=args.top,
-                              option="--" + mode)
+                              option="--" + mode, grid=grid)
     return hm.check_heads(heads), how
 
 
@@ -173,6 +208,9 @@ def _eval(args, task) -> int:
     mode = edit_mode(args)
     if args.exclude and args.random is None:
         raise HeadscopeError("--exclude only applies with --random K")
+    check_edit_heads(args, mode)
+    if args.exclude:
+        _excluded(args)
     hm = load_model(args)
     how = args.random_edit if mode == "random" else mode
 
@@ -200,7 +238,7 @@ def _eval(args, task) -> int:
     elif args.random is not None:
         excluded = set()
         if args.exclude:
-            excluded = set(_excluded(args))
+            excluded = set(_excluded(args, hm))
         pool = [h for h in hm.all_heads() if h not in excluded]
         if not 0 < args.random <= len(pool):
             raise HeadscopeError(f"--random must be between 1 and {len(pool)} (heads available); got {args.random}")
@@ -219,15 +257,21 @@ def _eval(args, task) -> int:
     return 0
 
 
-def _excluded(args) -> list:
-    """--exclude: heads by name, or a ranking CSV's top --top (default: --random) heads."""
+def _excluded(args, hm=None) -> list:
+    """--exclude: heads by name, or a ranking CSV's top --top (default: --random) heads, read on
+    ``hm``'s grid; without ``hm`` (before the model loads) the names or the CSV are only checked."""
     from pathlib import Path
 
     from headscope.scores import HeadScores
 
-    if Path(args.exclude).exists() or args.exclude.lower().endswith(".csv"):
-        return HeadScores.from_csv(args.exclude).top(args.top if args.top is not None else args.random)
-    return parse_heads(args.exclude)
+    if not (Path(args.exclude).exists() or args.exclude.lower().endswith(".csv")):
+        return parse_heads(args.exclude)
+    top = args.top if args.top is not None else args.random
+    if hm is None:
+        check_ranking(args.exclude, top)
+        return []
+    grid = (hm.geometry.n_layers, hm.geometry.n_heads)
+    return HeadScores.from_csv(args.exclude, grid=grid).top(top)
 
 
 def _models(args) -> int:
@@ -248,15 +292,28 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _check_utf8(arg: str) -> None:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = arg.encode("utf-8", "backslashreplace").decode()
+        raise HeadscopeError(f"argument {shown!r} is not valid UTF-8; pass UTF-8 text (check the shell's locale)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_transformers()
-    args = build_parser(_peek_task(argv)).parse_args(argv)
     try:
+        for arg in argv:
+            _check_utf8(arg)
+        args = build_parser(_peek_task(argv)).parse_args(argv)
+        check_outputs(args)
         if args.command in ("score", "eval"):
             task = _tasks()[args.task]
             if args.model is None:
                 args.model = task.DEFAULT_MODEL
+            if hasattr(task, "check"):
+                task.check(args)
             return (_score if args.command == "score" else _eval)(args, task)
         if args.command == "models":
             return _models(args)
@@ -267,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         raise HeadscopeError(f"unknown command {args.command!r}")
     except HeadscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system or device refused (disk full, permission, ...)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check the path, permissions and free space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,10 +29,10 @@ def read_jsonl(path, what: str, hint: str):
 
     from headscope.errors import HeadscopeError
 
+    from headscope.validate import read_text
+
     path = Path(path)
-    if not path.exists():
-        raise HeadscopeError(f"{what} {path} does not exist")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, what).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from pathlib import Path
@@ -120,6 +121,8 @@ class HeadModel:
         self._rows_from = _row_partners(self._layers)
         self.geometry = self._read_geometry()
         self._depth = 0
+        self._owner: int | None = None  # the thread whose probes and edits are open (one at a time)
+        self._owner_lock = threading.Lock()
         self._undo_attention: Callable[[], None] | None = None
         self._hook_handles: list = []
         self._q_scales: list[tuple[int, torch.Tensor]] = []  # (layer, [H] query multiplier)
@@ -146,15 +149,19 @@ class HeadModel:
         from transformers import AutoConfig, AutoTokenizer
 
         from headscope import zoo
+        from headscope.validate import check_device, check_dtype, check_model_folder
 
+        torch_dtype, device = check_dtype(dtype), check_device(device)
         source = str(name_or_path)
         organism = zoo.organism_path(source)
         if organism is not None:
             source = str(organism)
-        elif Path(source).exists() and not (Path(source) / "config.json").exists():
-            raise HeadscopeError(f"{source} is a folder without config.json: not a transformers model folder")
+        elif Path(source).exists():
+            check_model_folder(Path(source))
         try:
             config = AutoConfig.from_pretrained(source)
+        except (ValueError, KeyError) as exc:  # a readable config.json transformers cannot use
+            raise HeadscopeError(f"{source}/config.json is not a config transformers can load ({exc})") from None
         except OSError as exc:
             raise HeadscopeError(
                 f"could not load {source!r}: it is not a local model folder, not a shipped organism "
@@ -164,7 +171,6 @@ class HeadModel:
                 "local folder, e.g. --model ./DIR"
             ) from None
         auto = _auto_class(config)
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         # SDPA cannot softcap attention logits (Gemma 2): such models run eager outside headscope's hooks
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         kwargs.setdefault("attn_implementation", "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa")
@@ -239,16 +245,33 @@ class HeadModel:
     # --------------------------------------------------------------------------- hook plumbing
     @contextlib.contextmanager
     def _hooked(self) -> Iterator[None]:
-        """Install headscope's attention function and o_proj hooks for the block's duration."""
-        if self._depth == 0:
-            self._install()
-        self._depth += 1
+        """Install headscope's attention function and o_proj hooks for the block's duration.
+
+        Probes and edits belong to one thread at a time: another thread opening one meanwhile gets
+        an error at once, and its plain forward passes run unedited (the hooks pass them through).
+        """
+        with self._owner_lock:
+            if self._owner not in (None, threading.get_ident()):
+                raise HeadscopeError(
+                    "another thread has probes or edits open on this HeadModel; they apply to one thread at a "
+                    "time. Give each thread its own HeadModel, or hold a lock around each with-block"
+                )
+            if self._depth == 0:
+                self._install()
+            self._owner = threading.get_ident()
+            self._depth += 1
         try:
             yield
         finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self._uninstall()
+            with self._owner_lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                    self._uninstall()
+
+    def _mine(self) -> bool:
+        """True in the thread whose probes and edits are open (hooks ignore other threads)."""
+        return self._owner == threading.get_ident()
 
     def _install(self) -> None:
         if getattr(next(self.model.parameters(), None), "is_meta", False):
@@ -286,16 +309,18 @@ class HeadModel:
 
     @contextlib.contextmanager
     def _pushed(self, stack: list, item) -> Iterator:
-        stack.append(item)
-        try:
-            with self._hooked():
+        with self._hooked():
+            stack.append(item)
+            try:
                 yield item
-        finally:
-            stack.remove(item)
+            finally:
+                stack.remove(item)
 
     # --------------------------------------------------------------------------- handlers
     def _attention_handler(self, layer: int):
         def handler(module, query, key, value, mask, scaling, **kwargs):
+            if not self._mine():
+                return None
             n_q, n_k = query.shape[2], key.shape[2]
             partner = self._rows_from.get(layer)  # cross-attention rows are its decoder block's rows
             start = self._positions[partner].start if partner in self._positions else n_k - n_q
@@ -385,7 +410,7 @@ class HeadModel:
         g = self.geometry
 
         def hook(module, args):
-            if not self._z_edits and not self._z_captures:
+            if (not self._z_edits and not self._z_captures) or not self._mine():
                 return None
             z = args[0]
             zh = z.view(*z.shape[:-1], g.n_heads, g.head_dim)
@@ -425,6 +450,12 @@ class HeadModel:
         ``match_ids``: (key ids, query ids), each [C, B, N] over absolute positions; ids < 0 never
         match (e.g. previous-token: key id = position, query id = position - 1).
         """
+        with self._hooked():
+            with self._recording(outputs, layers, key_groups, num_groups, query_rows, match_ids) as recording:
+                yield recording
+
+    @contextlib.contextmanager
+    def _recording(self, outputs, layers, key_groups, num_groups, query_rows, match_ids) -> Iterator[StatsRecording]:
         if self._stats is not None:
             raise HeadscopeError("attention_stats blocks cannot be nested; close the open one first")
         layers = set(range(self.geometry.n_layers)) if layers is None else {int(x) for x in layers}
@@ -447,8 +478,7 @@ class HeadModel:
         request = StatsRequest(tuple(outputs), frozenset(layers), key_groups, num_groups, query_rows, match_ids)
         self._stats = request
         try:
-            with self._hooked():
-                yield StatsRecording(request, self.geometry.n_layers)
+            yield StatsRecording(request, self.geometry.n_layers)
         finally:
             self._stats = None
         silent = [layer for layer in layers if layer not in request.calls]

@@ -6,10 +6,12 @@ sidecar holding the metadata (``ranking.csv`` -> ``ranking.json``).
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import math
 import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
+from headscope.validate import check_output, read_json, read_text, write_whole
 
 Head = tuple[int, int]
 
@@ -58,9 +61,11 @@ class HeadScores:
         return frame.reset_index(drop=True)
 
     def top(self, k: int) -> list[Head]:
-        """The k highest-scoring heads as (layer, head), best first."""
-        if k < 0 or k > self.n_layers * self.n_heads:
-            raise HeadscopeError(f"top-k needs 0 <= k <= {self.n_layers * self.n_heads}; got {k}")
+        """The k highest-scoring heads as (layer, head), best first; never an unscored (NaN) head."""
+        scored = int((~torch.isnan(self.scores)).sum())
+        if k < 0 or k > scored:
+            raise HeadscopeError(f"top-k needs 0 <= k <= {scored}: the ranking scores only {scored} heads "
+                                 f"(of {self.scores.numel()}); got {k}")
         frame = self.to_frame().head(k)
         return [(int(layer), int(head)) for layer, head in zip(frame["layer"], frame["head"])]
 
@@ -72,40 +77,51 @@ class HeadScores:
 
     # ------------------------------------------------------------------ files
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write the ranking CSV and its JSON sidecar, each written whole (temp file + rename)."""
-        path = Path(path)
+        """Write the ranking CSV and its JSON sidecar, each whole (temp file + rename).
+
+        The sidecar goes first and carries the CSV's SHA-256, so a run killed between the two
+        renames leaves a sidecar that no longer matches the old CSV: reading that pair is an error,
+        never old metadata silently attached to a new ranking (or the reverse).
+        """
+        path = check_ranking_path(path)
+        text = self.to_frame().to_csv(index=False)
         meta = {
             "method": self.method,
             "model": self.model,
             "params": self.params,
             "shape": [self.n_layers, self.n_heads],
+            "csv_sha256": hashlib.sha256(text.encode()).hexdigest(),
         }
-        _write_whole(path, self.to_frame().to_csv(index=False))
-        _write_whole(sidecar_path(path), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+        write_whole(sidecar_path(path), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+        write_whole(path, text)
         return path
 
     @classmethod
-    def from_csv(cls, path: str | os.PathLike) -> "HeadScores":
-        """Read a ranking CSV (columns layer, head, score); metadata from the sidecar if present."""
-        path = Path(path)
-        if not path.exists():
-            raise HeadscopeError(f"ranking file {path} does not exist")
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise HeadscopeError(f"{path} is not a readable CSV ({exc})") from None
-        missing = {"layer", "head", "score"} - set(frame.columns)
-        if missing:
-            raise HeadscopeError(f"{path} lacks column(s) {sorted(missing)}; a ranking CSV needs layer, head, score")
-        meta = {}
-        if sidecar_path(path).exists():
-            meta = json.loads(sidecar_path(path).read_text())
-        shape = meta.get("shape") or [int(frame["layer"].max()) + 1, int(frame["head"].max()) + 1]
+    def from_csv(cls, path: str | os.PathLike, grid: tuple[int, int] | None = None) -> "HeadScores":
+        """Read a ranking CSV (columns layer, head, score) and its sidecar (see :func:`read_ranking`).
+
+        ``grid`` = (layers, heads) of the model the ranking is for: needed when the CSV has no
+        sidecar (the grid is never guessed from the largest indices), checked against it otherwise.
+        """
+        rows, meta = read_ranking(path)
+        shape = meta.get("shape")
+        if grid is not None:
+            grid = (int(grid[0]), int(grid[1]))
+            if shape is not None and tuple(shape) != grid:
+                raise HeadscopeError(f"{path} holds a {shape[0]}x{shape[1]} ranking (its sidecar says so); this "
+                                     f"model has {grid[0]} layers x {grid[1]} heads: use a ranking of this model")
+            shape = grid
+        if shape is None:
+            raise HeadscopeError(f"{path} has no sidecar {sidecar_path(path).name}, so its layers x heads grid is "
+                                 "unknown; pass the model's grid (HeadScores.from_csv(path, grid=(layers, heads))), "
+                                 "which the command line does for you")
+        outside = [(layer, head) for layer, head, _ in rows if not (layer < shape[0] and head < shape[1])]
+        if outside:
+            raise HeadscopeError(f"{path}: head(s) {outside[:5]} lie outside the {shape[0]}x{shape[1]} grid "
+                                 f"(layers 0..{shape[0] - 1}, heads 0..{shape[1] - 1})")
         scores = torch.full(tuple(shape), float("nan"))
-        for layer, head, score in zip(frame["layer"], frame["head"], frame["score"]):
-            if not (0 <= layer < shape[0] and 0 <= head < shape[1]):
-                raise HeadscopeError(f"{path}: head ({layer}, {head}) lies outside the {shape[0]}x{shape[1]} grid")
-            scores[int(layer), int(head)] = float(score)
+        for layer, head, score in rows:
+            scores[layer, head] = score
         return cls(scores, meta.get("method", "unknown"), meta.get("model", ""), meta.get("params", {}))
 
     # ------------------------------------------------------------------ comparison
@@ -160,17 +176,109 @@ def sidecar_path(csv_path: str | os.PathLike) -> Path:
     return Path(csv_path).with_suffix(".json")
 
 
-def _write_whole(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+_write_whole = write_whole  # the name other modules import
+
+
+def check_ranking_path(path) -> Path:
+    """A ranking CSV path that can be written, and whose sidecar is another file."""
+    path = Path(path)
+    if sidecar_path(path) == path:
+        raise HeadscopeError(f"ranking path {path} would be overwritten by its own sidecar {sidecar_path(path).name}; "
+                             "name the ranking *.csv")
+    check_output(path, "ranking file")
+    check_output(sidecar_path(path), "ranking sidecar")
+    return path
+
+
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def read_ranking(path) -> tuple[list[tuple[int, int, float]], dict]:
+    """The rows (layer, head, score) of a ranking CSV and its sidecar metadata, validated.
+
+    Layer and head must be integers >= 0 (1.7 is an error, not 1), each head at most once; a
+    score is a number, or empty / NaN for an unscored head (never inf), and at least one head is
+    scored. The sidecar, if present, is a JSON object whose shape holds every row and whose
+    csv_sha256 (written by :meth:`HeadScores.to_csv`) matches the CSV.
+    """
+    path = Path(path)
+    text = read_text(path, "ranking file")
+    lines = text.splitlines()
+    reader = csv.reader(lines)
+    header = [h.strip() for h in next(reader, [])]
+    missing = {"layer", "head", "score"} - set(header)
+    if not header:
+        raise HeadscopeError(f"ranking file {path} has no rows; a ranking CSV has a header layer,head,score and one row per head")
+    if missing:
+        raise HeadscopeError(f"{path} lacks column(s) {sorted(missing)}; a ranking CSV needs layer, head, score")
+    col = {name: header.index(name) for name in ("layer", "head", "score")}
+    rows, seen = [], {}
+    for lineno, fields in enumerate(reader, 2):
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            raise HeadscopeError(f"{path}:{lineno} has {len(fields)} fields; the header has {len(header)}")
+        layer, head = (_index(fields[col[c]], c, path, lineno) for c in ("layer", "head"))
+        if (layer, head) in seen:
+            raise HeadscopeError(f"{path} lists head ({layer}, {head}) twice (lines {seen[layer, head]} and {lineno}); "
+                                 "keep one row per head")
+        seen[layer, head] = lineno
+        rows.append((layer, head, _score(fields[col["score"]], path, lineno)))
+    if not rows:
+        raise HeadscopeError(f"ranking file {path} has no rows; give one row per head: layer,head,score")
+    if all(math.isnan(score) for _, _, score in rows):
+        raise HeadscopeError(f"ranking file {path} has no scored heads (every score is empty or NaN)")
+    meta = _read_sidecar(path, text)
+    if "shape" in meta:
+        outside = [(l, h) for l, h, _ in rows if not (l < meta["shape"][0] and h < meta["shape"][1])]
+        if outside:
+            raise HeadscopeError(f"{path}: head(s) {outside[:5]} lie outside the {meta['shape'][0]}x{meta['shape'][1]} "
+                                 f"grid its sidecar gives")
+    return rows, meta
+
+
+def _index(text: str, column: str, path, lineno: int) -> int:
+    text = text.strip()
+    if not _INTEGER.match(text):
+        raise HeadscopeError(f"{path}:{lineno}: {column} must be an integer; got {text!r}")
+    value = int(text)
+    if value < 0:
+        raise HeadscopeError(f"{path}:{lineno}: {column} {value} lies outside the grid (indices start at 0)")
+    return value
+
+
+def _score(text: str, path, lineno: int) -> float:
+    text = text.strip()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        value = float(text) if text else math.nan
+    except ValueError:
+        raise HeadscopeError(f"{path}:{lineno}: score must be a number (or empty for an unscored head); "
+                             f"got {text!r}") from None
+    if math.isinf(value):
+        raise HeadscopeError(f"{path}:{lineno}: score is infinite; give a finite number, or leave it empty")
+    return value
+
+
+def _read_sidecar(path: Path, text: str) -> dict:
+    side = sidecar_path(path)
+    if not side.exists():
+        return {}
+    fix = f"rewrite it with the command that made {path.name}, or delete it and pass the model's grid"
+    meta = read_json(side, "ranking sidecar", fix)
+    if not isinstance(meta, dict):
+        raise HeadscopeError(f"ranking sidecar {side} must be a JSON object; got {type(meta).__name__}. {fix}")
+    shape = meta.get("shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                  and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)):
+        raise HeadscopeError(f"ranking sidecar {side}: shape must be [layers, heads], two integers >= 1; got {shape!r}")
+    for key, kind in (("method", str), ("model", str), ("params", dict), ("csv_sha256", str)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise HeadscopeError(f"ranking sidecar {side}: {key} must be a {kind.__name__}; got {meta[key]!r}")
+    digest = meta.get("csv_sha256")
+    if digest is not None and digest != hashlib.sha256(text.encode()).hexdigest():
+        raise HeadscopeError(f"ranking sidecar {side} does not match {path.name} (the CSV changed after the sidecar "
+                             f"was written, or a run stopped between writing the two); {fix}")
+    return meta
 
 
 def _jsonable(obj):

@@ -34,7 +34,10 @@ def test_csv_round_trip_with_sidecar(tmp_path):
 
 def test_csv_without_sidecar_and_malformed_files(tmp_path):
     (tmp_path / "a.csv").write_text("layer,head,score\n0,0,1.0\n1,1,0.5\n")
-    assert HeadScores.from_csv(tmp_path / "a.csv").top(1) == [(0, 0)]
+    with pytest.raises(HeadscopeError, match="no sidecar"):  # the grid is never guessed
+        HeadScores.from_csv(tmp_path / "a.csv")
+    back = HeadScores.from_csv(tmp_path / "a.csv", grid=(2, 3))
+    assert back.top(2) == [(0, 0), (1, 1)] and back.scores.shape == (2, 3)
     (tmp_path / "b.csv").write_text("l,h,s\n0,0,1\n")
     with pytest.raises(HeadscopeError, match="lacks column"):
         HeadScores.from_csv(tmp_path / "b.csv")

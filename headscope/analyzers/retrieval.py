@@ -150,15 +150,15 @@ def _score_decode(hm: HeadModel, trials, idx, pad, span, decode_steps="answer", 
     stops = torch.tensor(sorted(_stop_ids(hm)) if until_stop else [], dtype=torch.long, device=hm.device)
     seq = torch.tensor([t.prompt_ids for t in batch], device=hm.device)
     out = hm.model(seq[:, :-1], use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     current = seq[:, -1:]
     step_hits, generated = [], []
     n_steps = torch.tensor([len(t.answer_ids) for t in batch], device=hm.device)
     stopped = torch.zeros(len(batch), dtype=torch.bool, device=hm.device)
     with hm.attention_stats(["top1"]) as rec:
         for step in range(steps):
-            out = hm.model(current, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = hm.model(current, cache=cache, use_cache=True)
+            cache = out.cache
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             top1 = rec.top1_index().to(seq.device)  # [L, b, H, 1]
             seq = torch.cat([seq, nxt], dim=1)

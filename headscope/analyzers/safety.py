@@ -31,6 +31,7 @@ from headscope.progress import tqdm
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 from headscope.scores import HeadScores, _write_whole
+from headscope.validate import read_json
 
 Head = tuple[int, int]
 ABLATIONS = ("query", "output")
@@ -278,6 +279,20 @@ def _fingerprint(ids: Sequence[Sequence[int]]) -> str:
     return hashlib.sha256(json.dumps([list(p) for p in ids]).encode()).hexdigest()[:16]
 
 
+def _read_state(path: Path) -> dict:
+    """A Sahara state file as :func:`sahara` writes it; any other content is an error naming the fix."""
+    saved = read_json(path, "state file", "delete it to start over, or pass another --state file")
+    fields = {"settings": dict, "chosen": list, "scores": list, "first_step": dict}
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), t) for k, t in fields.items()):
+        raise HeadscopeError(f"state file {path} is not a Sahara state (needs {', '.join(fields)}); "
+                             "delete it to start over, or pass another --state file")
+    heads_ok = all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in saved["chosen"])
+    scores_ok = all(isinstance(x, (int, float)) and math.isfinite(x) for x in saved["scores"])
+    if not heads_ok or not scores_ok:
+        raise HeadscopeError(f"state file {path} holds malformed heads or scores; delete it to start over")
+    return saved
+
+
 def sahara(
     hm: HeadModel,
     prompts,
@@ -314,14 +329,15 @@ def sahara(
     first_step: dict[str, float] = {}
     state = Path(state) if state is not None else None
     if state is not None and state.exists():
-        saved = json.loads(state.read_text())
+        saved = _read_state(state)
         if saved.get("settings") != settings:
             raise HeadscopeError(
                 f"state file {state} was written for other settings or prompts "
                 f"({saved.get('settings')}); delete it or pass another --state file"
             )
-        chosen = [tuple(h) for h in saved["chosen"]]
-        step_scores = list(saved["scores"])
+        chosen, step_scores = [tuple(h) for h in saved["chosen"]], list(saved["scores"])
+        if len(step_scores) != len(chosen) or not set(chosen) <= set(pool):
+            raise HeadscopeError(f"state file {state} is inconsistent (chosen heads vs scores); delete it to start over")
         first_step = dict(saved.get("first_step", {}))
 
     def done() -> bool:

@@ -5,6 +5,8 @@ A task module (``headscope score|eval --task NAME``) defines:
     TASKS: tuple[str, ...]                   names it answers to, e.g. ("needle",)
     DEFAULT_MODEL: str                       model used when --model is not given
     add_arguments(parser, command) -> None   its own options; command is "score" or "eval"
+    check(args) -> None                      (optional) read and validate its input files before the
+                                             model is loaded (bad input fails in seconds, not after loading)
     score(args, hm) -> HeadScores            (optional) score every head
     evaluate(args, hm) -> dict[str, float]   (optional) the task metric(s); the last one is printed
                                              last, e.g. {"accuracy": 0.93}. Runs inside whatever

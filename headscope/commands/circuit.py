@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES, parse_heads
+from headscope.validate import positive_int
 
 TASKS = ("circuit",)
 DEFAULT_MODEL = "retrieval"
@@ -17,7 +18,7 @@ DEFAULT_MODEL = "retrieval"
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--pairs", help='JSONL: {"clean", "corrupt", "answer", "wrong"} per line')
     parser.add_argument("--generate", choices=("ioi", "colored-objects"), help="use a shipped task generator")
-    parser.add_argument("--n", type=int, default=64, help="pairs to generate")
+    parser.add_argument("--n", type=positive_int, default=64, help="pairs to generate")
     if command == "score":  # `eval` already has --seed
         parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     parser.add_argument("--method", choices=("activation", "attribution", "path"), default="activation")
@@ -42,6 +43,13 @@ def pairs(args):
     from headscope.tasks.colored_objects import colored_objects_pairs
 
     return colored_objects_pairs(args.n, args.seed), True
+
+
+def check(args) -> None:
+    if args.pairs:
+        from headscope.tasks.circuit_pairs import load_pairs
+
+        load_pairs(args.pairs)
 
 
 def score(args, hm):

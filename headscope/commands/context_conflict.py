@@ -16,6 +16,7 @@ from headscope.progress import tqdm
 
 from headscope import zoo
 from headscope.errors import HeadscopeError
+from headscope.validate import positive_int
 
 TASKS = ("context-conflict",)
 DEFAULT_MODEL = "context_conflict"
@@ -24,7 +25,7 @@ SCORE_SEED = 99  # the scoring prompts are drawn apart from the evaluation promp
 
 
 def add_arguments(parser, command: str) -> None:
-    parser.add_argument("--prompts", type=int, default=192, help="number of swapped-context prompts")
+    parser.add_argument("--prompts", type=positive_int, default=192, help="number of swapped-context prompts")
     if command == "score":
         from headscope.commands.needle import add_retrieval_arguments
 

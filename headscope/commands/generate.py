@@ -20,6 +20,7 @@ import torch
 from headscope.commands import edit_flags
 from headscope.errors import HeadscopeError
 from headscope.cli import add_heads_arguments
+from headscope.validate import positive_int
 
 NAME = "generate"
 HELP = "generate from a prompt, optionally with heads ablated, scaled, or DeCoRe decoding"
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, help="image file (PNG/JPEG) for an image-text model")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.add_argument("--ablate", metavar="CSV", nargs="?", const="",
                         help="ablate this ranking's --top K heads (or, without CSV, the --heads named)")
     parser.add_argument("--ablation", choices=("zero", "uniform"), default="zero")
@@ -52,13 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from headscope.interventions import Edit, intervene
     from headscope.interventions.decore import decore_generate
-    from headscope.cli import edit_heads, edit_mode
+    from headscope.cli import check_edit_heads, edit_heads, edit_mode
     from headscope.heads import format_heads
     from headscope.model import HeadModel
 
     mode = edit_mode(args)
-    if args.max_new_tokens < 1:
-        raise HeadscopeError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    check_edit_heads(args, mode)
     hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; generate needs one to encode the prompt")

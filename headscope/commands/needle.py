@@ -8,28 +8,15 @@ import numpy as np
 
 from headscope import zoo
 from headscope.errors import HeadscopeError
+from headscope.validate import number_list
 
 TASKS = ("needle",)
 DEFAULT_MODEL = "retrieval"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--lengths", type=_int_list, help="context lengths in tokens, comma-separated")
-    parser.add_argument("--depths", type=_float_list, help="needle depths in percent, comma-separated")
+    parser.add_argument("--lengths", type=number_list(int, positive=True), help="context lengths in tokens, comma-separated")
+    parser.add_argument("--depths", type=number_list(float), help="needle depths in percent, comma-separated")
     parser.add_argument("--needles", help="JSONL file of needles: {needle, question, answer} per line")
     parser.add_argument("--haystack", help="text file of filler sentences")
     parser.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
@@ -77,6 +64,15 @@ def trials(args, hm):
         max_positions=hm.geometry.max_positions,
     )
     return task.trials()
+
+
+def check(args) -> None:
+    from headscope.tasks.needle import load_haystack, load_needles
+
+    if args.needles:
+        load_needles(args.needles)
+    if args.haystack:
+        load_haystack(args.haystack)
 
 
 def score(args, hm):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from headscope.validate import positive_int
+
 NAME = "overlap"
 HELP = "overlap of two circuits given as ranking CSVs (shared heads, Jaccard, overlap coefficient)"
 
@@ -10,7 +12,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("a", help="ranking CSV of circuit A")
     parser.add_argument("b", help="ranking CSV of circuit B")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--top", type=int, help="circuit = the top K heads of each ranking")
+    group.add_argument("--top", type=positive_int, help="circuit = the top K heads of each ranking")
     group.add_argument("--top-p", type=float, help="circuit = the top share of heads (default 0.02)")
     group.add_argument("--threshold", type=float, help="circuit = heads scoring above this")
     parser.add_argument("--signed", action="store_true", help="rank by score, not |score|")

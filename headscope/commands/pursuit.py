@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
+from headscope.validate import positive_int, read_text
 
 TASKS = ("pursuit",)
 DEFAULT_MODEL = "topics"
@@ -18,11 +18,19 @@ def add_arguments(parser, command: str) -> None:
     parser.add_argument("--concept", required=True, help="text file: the concept's words, one per line")
     parser.add_argument("--text", help="prompts, one per line (default: the organism's shipped prompts, else "
                         "sentences of the shipped haystack text)")
-    parser.add_argument("--k", type=int, default=50, help="SOMP atoms (capped at the dictionary size)")
+    parser.add_argument("--k", type=positive_int, default=50, help="SOMP atoms (capped at the dictionary size)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the atoms (authors' code: off)")
     parser.add_argument("--edit-alpha", type=float, default=None,
                         help="also scale the top 1%% heads' z by this (-1 suppress, 5 enhance) vs 10 random draws")
-    parser.add_argument("--edit-top", type=int, default=None, help="edit this many top heads instead of 1%%")
+    parser.add_argument("--edit-top", type=positive_int, default=None, help="edit this many top heads instead of 1%%")
+
+
+def check(args) -> None:
+    from headscope.commands.sinks import read_texts
+
+    read_text(args.concept, "concept file")
+    if args.text:
+        read_texts(args.text)
 
 
 def score(args, hm):
@@ -30,10 +38,7 @@ def score(args, hm):
 
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; head pursuit needs one for prompts and concept words")
-    path = Path(args.concept)
-    if not path.exists():
-        raise HeadscopeError(f"concept file {path} does not exist; give one word per line")
-    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()]
+    words = [w.strip() for w in read_text(args.concept, "concept file").splitlines() if w.strip()]
     concept = pursuit.concept_token_ids(hm.tokenizer, words)
     from headscope import zoo
 

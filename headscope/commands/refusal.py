@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     safety.add_arguments(parser, command)
 
 
-score = safety.score
+score, check = safety.score, safety.check
 
 
 def evaluate(args, hm) -> dict[str, float]:

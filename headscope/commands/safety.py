@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from headscope.errors import HeadscopeError
+from headscope.validate import positive_int
 
 TASKS = ("safety",)
 DEFAULT_MODEL = "refusal"
@@ -21,7 +22,7 @@ METHODS = ("ships", "sahara", "generalized-ships")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--prompts", help="harmful queries: CSV, JSONL or one per line (default: the organism's held-out set)")
     parser.add_argument("--column", help="CSV column / JSON field with the query (AdvBench: goal, JailbreakBench: Goal)")
-    parser.add_argument("--limit", type=int, help="use only the first N queries")
+    parser.add_argument("--limit", type=positive_int, help="use only the first N queries")
     parser.add_argument("--template", default="reference",
                         help="'reference' ('## Query: {q}\\n## Answer:'), 'chat' (the model's chat template) or a string with {q}")
     if command == "score":
@@ -52,6 +53,18 @@ def queries(args) -> list[str]:
     forbidden, _ = organism_sets(args.model)
     qs = [f.query for f in forbidden]
     return qs[: args.limit] if args.limit else qs
+
+
+def check(args) -> None:
+    from pathlib import Path
+
+    from headscope.analyzers.safety import _read_state
+    from headscope.tasks.safety_prompts import load_prompts
+
+    if args.prompts:
+        load_prompts(args.prompts, args.column, args.limit)
+    if getattr(args, "state", None) and Path(args.state).exists():
+        _read_state(Path(args.state))
 
 
 def score(args, hm):

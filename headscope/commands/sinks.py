@@ -6,9 +6,9 @@ activations and secondary sinks printed as a summary.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from headscope.errors import HeadscopeError
+from headscope.validate import positive_int, read_text
 
 TASKS = ("sinks",)
 DEFAULT_MODEL = "retrieval"
@@ -22,10 +22,7 @@ def read_texts(path: str | None, default_sentences: int = 8, default_texts: int 
         sentences = load_haystack()
         return [" ".join(sentences[i : i + default_sentences])
                 for i in range(0, default_sentences * default_texts, default_sentences)]
-    file = Path(path)
-    if not file.exists():
-        raise HeadscopeError(f"text file {path} does not exist; give a file with one text per line")
-    texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [line.strip() for line in read_text(path, "text file").splitlines() if line.strip()]
     if not texts:
         raise HeadscopeError(f"text file {path} is empty; give one text per line")
     return texts
@@ -36,9 +33,14 @@ def add_arguments(parser, command: str) -> None:
     parser.add_argument("--eps", type=float, default=0.3, help="sink threshold on alpha (Gu et al.: 0.3)")
     parser.add_argument("--rank", choices=("first-token", "mass"), default="first-token",
                         help="export the first token's alpha per head, or the mass each head gives its sinks")
-    parser.add_argument("--max-tokens", type=int, default=None, help="cut each text to this many tokens")
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="cut each text to this many tokens")
     parser.add_argument("--massive-threshold", type=float, default=100.0)
     parser.add_argument("--massive-ratio", type=float, default=1000.0)
+
+
+def check(args) -> None:
+    if args.text:
+        read_texts(args.text)
 
 
 def score(args, hm):

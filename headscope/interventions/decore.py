@@ -110,8 +110,8 @@ def decore_generate(
         position_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]
         with _masked(hm, masking if masked else []):
             out = model(input_ids=tokens, attention_mask=attn, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
-        return out.logits[:, -1], out.past_key_values
+                        cache=cache, use_cache=True)
+        return out.logits[:, -1], out.cache
 
     base_cache = masked_cache = None
     if ids.shape[1] > 1:  # prefill all but the last prompt token, once, unmasked (reference)

@@ -35,7 +35,8 @@ prefill, the new token at each decode step), or ``(start, stop)`` absolute posit
 cache a decode step's row sits at position >= prompt length; the prompt length is the number of
 rows of the latest forward call that starts at position 0, i.e. the latest prefill, so several
 generate() calls can share one block (or pass ``prompt_length``, e.g. for a loop without a cache). With left
-padding, give ``attention_mask`` so ranges count from each row's first real token.
+padding, ranges count from each row's first real token: the mask is taken from each model call's
+``attention_mask`` (generate() passes it), or give ``attention_mask`` to ``intervene``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ import hashlib
 import importlib
 import weakref
 import json
+import operator
 import os
-import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -55,6 +57,7 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads
+from headscope.validate import check_finite, read_json, write_whole
 
 Head = tuple[int, int]
 Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
@@ -95,7 +98,12 @@ class Edit:
         if self.strength is None:
             self.strength = DEFAULT_STRENGTH[kind] if kind in DEFAULT_STRENGTH else kind_module(kind).DEFAULT_STRENGTH
         if isinstance(self.strength, (list, tuple)):
-            self.strength = [float(x) for x in self.strength]
+            self.strength = [check_finite(x, "edit strength") for x in self.strength]
+        elif isinstance(self.strength, torch.Tensor):
+            if not torch.isfinite(self.strength.detach()).all():
+                raise HeadscopeError(f"edit strength must be finite numbers; got {self.strength}")
+        else:
+            check_finite(self.strength, "edit strength")
         n = _numel(self.strength)
         if n not in (1, len(self.heads)):
             raise HeadscopeError(
@@ -190,7 +198,7 @@ def _as_rows(ids) -> list[list[int]]:
     if ids and isinstance(ids[0], int):
         ids = [ids]
     try:
-        rows = [[int(t) for t in row] for row in ids]
+        rows = [[operator.index(t) for t in row] for row in ids]
     except (TypeError, ValueError):
         raise HeadscopeError("source must be token ids: a list of ints, a list of rows or a tensor") from None
     if not rows or not rows[0] or len({len(r) for r in rows}) != 1:
@@ -218,25 +226,15 @@ def edits_from_scores(scores, kind: str = "zero", *, top: int | None = None, thr
 def save_edits(edits: Edit | Sequence[Edit], path: str | os.PathLike) -> Path:
     """Write edits as a JSON list, whole (temp file + rename)."""
     edits = [edits] if isinstance(edits, Edit) else list(edits)
-    path = Path(path)
-    text = json.dumps([e.to_dict() for e in edits], indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".edits-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_whole(path, json.dumps([e.to_dict() for e in edits], indent=2) + "\n")
 
 
 def load_edits(path: str | os.PathLike) -> list[Edit]:
-    path = Path(path)
-    if not path.exists():
-        raise HeadscopeError(f"edits file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HeadscopeError(f"{path} is not valid JSON ({exc.msg}); write it with save_edits") from None
-    if isinstance(data, dict):
-        data = [data]
+    """Edits from a JSON file written by :func:`save_edits` (a list of edit objects, or one)."""
+    data = read_json(path, "edits file", "write it with save_edits")
+    data = [data] if isinstance(data, dict) else data
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise HeadscopeError(f"edits file {path} must hold a JSON list of edit objects (as save_edits writes)")
     return [Edit.from_dict(d) for d in data]
 
 
@@ -290,9 +288,25 @@ class _Positions:
         self.prompt_length = prompt_length
         self.fixed = prompt_length is not None
         self.offsets = None
-        if attention_mask is not None:  # left padding: count ranges from each row's first real token
-            am = torch.as_tensor(attention_mask)
-            self.offsets = (am.shape[1] - am.sum(1)).long()  # pads before the first real token
+        self.batch = 1
+        if attention_mask is not None:
+            self.use_mask(attention_mask)
+
+    def use_mask(self, attention_mask) -> None:
+        """Left padding: count ranges from each row's first real token."""
+        am = torch.as_tensor(attention_mask)
+        self.offsets = (am.shape[1] - am.sum(1)).long()  # pads before the first real token
+        self.batch = am.shape[0]
+
+    def infer_mask(self, owner: int):
+        """A model forward pre-hook: take the mask of each forward call (generate() passes one), so a
+        left-padded batch is counted right without giving ``attention_mask`` to ``intervene`` too."""
+        def hook(module, args, kwargs):
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            if threading.get_ident() == owner and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                self.use_mask(mask)
+
+        return hook
 
     def observe(self, positions: range) -> None:
         """Unless given, the prompt length is the row count of the latest call that starts at 0 (a new
@@ -366,7 +380,7 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
     def q_scale(layer: int, e: Edit):
         def scale(positions: range) -> torch.Tensor:
             s = _head_weights(e, layer, g.n_heads, hm.device, torch.float32)
-            keep = state.mask(e, positions, _batch_size(attention_mask, positions), hm.device).float()
+            keep = state.mask(e, positions, state.batch, hm.device).float()
             hit = _head_hits(e, layer, g.n_heads, hm.device, torch.float32)
             factor = s if e.kind == "query_scale" else 1 - s  # per head, where edited
             per_row = 1 + hit.view(1, -1, 1) * keep.unsqueeze(1) * (factor - 1).view(1, -1, 1)  # [B, H, rows]
@@ -375,6 +389,9 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
         return scale
 
     with contextlib.ExitStack() as stack:
+        if attention_mask is None and any(isinstance(e.positions, tuple) for e in edits):
+            handle = hm.model.register_forward_pre_hook(state.infer_mask(threading.get_ident()), with_kwargs=True)
+            stack.callback(handle.remove)
         if any(e.kind in Z_KINDS for e in edits):
             stack.enter_context(hm.edit_z(z_edit))
         for e in edits:
@@ -408,10 +425,6 @@ def apply_z_edit(edit: Edit, layer: int, z: torch.Tensor, keep: torch.Tensor, po
     if edit.kind in ("mean", "inject"):
         return z + w * (source.to(z) - z)
     return z + w * (_patch_values(source, positions, z, keep.view(keep.shape[0], -1)) - z)
-
-
-def _batch_size(attention_mask, positions) -> int:
-    return 1 if attention_mask is None else int(torch.as_tensor(attention_mask).shape[0])
 
 
 def _patch_values(source: torch.Tensor, positions: range, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import numpy as np
 
 from headscope.data import dataset_path, read_jsonl
 from headscope.errors import HeadscopeError
+from headscope.validate import read_text
 
 DEFAULT_TEMPLATE = "Based on the content of the book, Question: {question}\nAnswer:"
 _CHAT_PLACEHOLDER = "\u2063HEADSCOPE_CONTEXT\u2063"
@@ -79,24 +80,32 @@ def load_needles(path: str | Path | None = None) -> list[Needle]:
                 f"{path}:{lineno} lacks non-empty field(s) {missing}; each line needs "
                 '"needle", "question" and "answer"'
             )
-        span = row.get("answer_span")
-        if span is not None and (not isinstance(span, str) or not span):
-            raise HeadscopeError(f"{path}:{lineno}: \"answer_span\" must be a non-empty string when given")
-        try:
-            needles.append(Needle(str(row["needle"]), str(row["question"]), str(row["answer"]), span))
-        except HeadscopeError as exc:
-            raise HeadscopeError(f"{path}:{lineno}: {exc}") from None
+        needles.append(_checked_needle(row, f"{path}:{lineno}"))
     if not needles:
         raise HeadscopeError(f"needles file {path} holds no needles; add JSONL lines with needle, question, answer")
     return needles
 
 
+def _checked_needle(row: dict, where: str) -> Needle:
+    """A needle whose fields are text and whose answer (or answer_span) occurs in it (else nothing can retrieve it)."""
+    for key in ("needle", "question", "answer"):
+        if not isinstance(row[key], str):
+            raise HeadscopeError(f"{where}: {key} must be text (a JSON string); got {row[key]!r}")
+        if not row[key].strip():
+            raise HeadscopeError(f"{where}: {key} is blank; give the text")
+    span = row.get("answer_span")
+    if span is not None and (not isinstance(span, str) or not span.strip()):
+        raise HeadscopeError(f"{where}: \"answer_span\" must be a non-empty string when given")
+    try:
+        return Needle(row["needle"], row["question"], row["answer"].strip(), span)
+    except HeadscopeError as exc:
+        raise HeadscopeError(f"{where}: {exc}") from None
+
+
 def load_haystack(path: str | Path | None = None) -> list[str]:
     """Filler text split into sentences (the shipped default, or the user's own text file)."""
     path = Path(path) if path is not None else dataset_path("haystack.txt")
-    if not path.exists():
-        raise HeadscopeError(f"haystack file {path} does not exist")
-    text = " ".join(path.read_text(encoding="utf-8").split())
+    text = " ".join(read_text(path, "haystack file").split())
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
     if not sentences:
         raise HeadscopeError(f"haystack file {path} is empty; give a text file with filler sentences")
@@ -166,6 +175,8 @@ class NeedleTask:
         self.template = template
         if use_chat_template == "auto":
             use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        elif use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise HeadscopeError("this tokenizer has no chat template; use --chat-template off (or auto)")
         self.use_chat_template = bool(use_chat_template)
         self.max_positions = max_positions
         self._sentence_ids = [_encode(tokenizer, " " + s) for s in self.sentences]
@@ -200,6 +211,15 @@ class NeedleTask:
         head, tail = self._wrappers(needle)
         needle_ids, (a, b) = encode_with_span(self.tokenizer, " " + needle.needle, needle.span_text)
         answer_ids = _encode(self.tokenizer, " " + needle.answer)
+        unknown = getattr(self.tokenizer, "unk_token_id", None)
+        span_ids = needle_ids[a:b]
+        copied = needle.answer_span is not None or set(answer_ids) <= set(needle_ids)
+        if not answer_ids or not span_ids or unknown in answer_ids + span_ids or not copied:
+            raise HeadscopeError(
+                f"this tokenizer cannot read needle {needle_index} ({needle.needle!r}): the answer's tokens "
+                f"{self.tokenizer.convert_ids_to_tokens(answer_ids)} are unknown or do not occur among the needle's "
+                f"tokens, so no head could copy them; write needles in text this tokenizer knows"
+            )
         n_hay = length - len(head) - len(tail)
         if n_hay < len(needle_ids):
             raise HeadscopeError(

@@ -22,6 +22,7 @@ import torch
 
 from headscope.errors import HeadscopeError
 from headscope.tasks.safety_prompts import encode_prompts
+from headscope.validate import read_text
 
 REFUSAL = "Sorry , I cannot help with that ."
 # Refusal openings for real chat models (keyword check, as in the paper's attack-success metric).
@@ -85,10 +86,8 @@ def write_items(path: Path, items: Sequence[RefusalItem]) -> None:
 def load_items(path: str | Path) -> list[RefusalItem]:
     """JSONL rows ``{"query", "forbidden", "answer"}`` (the organism's held-out sets)."""
     path = Path(path)
-    if not path.is_file():
-        raise HeadscopeError(f"refusal prompt file {path} does not exist")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "refusal prompt file").splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)

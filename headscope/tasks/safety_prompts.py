@@ -13,11 +13,13 @@ the model's chat template with ``template="chat"``, or any string with a ``{q}``
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
+from headscope.validate import read_text
 
 REFERENCE_TEMPLATE = "## Query: {q}\n## Answer:"
 DEFAULT_COLUMNS = ("goal", "Goal", "prompt", "query", "instruction", "question")
@@ -46,14 +48,13 @@ def load_prompts(path: str | Path, column: str | None = None, limit: int | None 
     goal, Goal, prompt, query, instruction, question that exists). ``limit``: keep the first n.
     """
     path = Path(path)
-    if not path.is_file():
-        raise HeadscopeError(f"prompt file {path} does not exist")
+    text = read_text(path, "prompt file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         import pandas as pd
 
         try:
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+            frame = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise HeadscopeError(f"{path} is not a readable CSV ({exc})") from None
         queries = frame[_pick_column(list(frame.columns), column, path)].tolist()
@@ -67,7 +68,7 @@ def load_prompts(path: str | Path, column: str | None = None, limit: int | None 
             else:
                 raise HeadscopeError(f"{path}:{lineno} must be a JSON object or string; got {type(row).__name__}")
     else:
-        queries = path.read_text(encoding="utf-8").splitlines()
+        queries = text.splitlines()
     queries = [q.strip() for q in queries if q and q.strip()]
     if limit is not None:
         queries = queries[:limit]

@@ -1,0 +1,216 @@
+"""Checks on what users hand headscope: input files, output paths, numbers, devices, model folders.
+
+Every check raises :class:`HeadscopeError` naming what was wrong and the fix, so the CLI turns it
+into one ``error:`` line. Readers (scores, data, tasks) call these; the CLI calls the output-path
+checks before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import numbers
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from headscope.errors import HeadscopeError
+
+MAX_INPUT_BYTES = 256 * 2**20  # text inputs are prompts, rankings, needles: far smaller
+
+
+# ------------------------------------------------------------------------------ input files
+def read_text(path, what: str, *, limit: int = MAX_INPUT_BYTES) -> str:
+    """The text of a regular UTF-8 file of at most ``limit`` bytes (``what`` names it in errors)."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise HeadscopeError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise HeadscopeError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+        raise HeadscopeError(f"{what} {path} is not a regular file (it is {kind}); give a text file")
+    if info.st_size > limit:
+        raise HeadscopeError(f"{what} {path} is too large ({info.st_size:,} bytes; the limit is {limit:,}); "
+                             "give a smaller file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HeadscopeError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeadscopeError(f"{what} {path} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "save it as UTF-8") from None
+
+
+def read_json(path, what: str, hint: str):
+    """The parsed JSON of a file read with :func:`read_text`."""
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as exc:
+        raise HeadscopeError(f"{what} {path} is not valid JSON ({exc.msg}, line {exc.lineno}); {hint}") from None
+
+
+# ------------------------------------------------------------------------------ output files
+def check_output(path, what: str) -> Path:
+    """Fail now, not after the run, if ``path`` cannot be written: a directory, a file used as a
+    folder, or a place without write permission."""
+    path = Path(path)
+    if path.is_dir():
+        raise HeadscopeError(f"{what} {path} is a directory; give a file path, e.g. {path / 'out'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # missing folders are created on write
+        folder = folder.parent
+    if not folder.is_dir():
+        raise HeadscopeError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".headscope-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise HeadscopeError(f"cannot write {what} {path}: {folder} is not writable ({exc.strerror}); "
+                             "choose another path") from None
+    return path
+
+
+def write_whole(path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole (temp file + rename), mode from the umask; no temp file
+    is left behind if the write fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------ numbers
+def check_finite(value, what: str) -> float:
+    """``value`` as a finite float (not NaN, not inf, not text)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HeadscopeError(f"{what} must be a number; got {value!r}")
+    if not math.isfinite(value):
+        raise HeadscopeError(f"{what} must be a finite number; got {value!r}")
+    return float(value)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf make results meaningless)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def number_list(cast, *, positive: bool = False):
+    """argparse type: a non-empty comma-separated list of finite numbers (``cast``: int or float)."""
+    kind = "integers" if cast is int else "numbers"
+
+    def parse(text: str) -> list:
+        try:
+            values = [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got an empty list {text!r}")
+        bad = [v for v in values if not math.isfinite(v) or (positive and v <= 0)]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"every value must be a finite number{' > 0' if positive else ''}; got {bad}")
+        return values
+
+    return parse
+
+
+# ------------------------------------------------------------------------------ models
+DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+def check_dtype(dtype):
+    """The torch dtype (or "auto") for a --dtype string; only floating dtypes run a model."""
+    import torch
+
+    if dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(torch, dtype)
+    raise HeadscopeError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+
+
+def check_device(device):
+    """A device torch can use here: CUDA / MPS / XPU only where available, an index that exists."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HeadscopeError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        name = "CUDA" if parsed.type == "cuda" else parsed.type
+        raise HeadscopeError(f"--device {device}: {name} is not available on this machine; use --device cpu")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise HeadscopeError(f"--device {device}: this machine has {count} {parsed.type} device(s) (0..{count - 1})")
+    return device
+
+
+def check_model_folder(path: Path) -> None:
+    """A local model folder has a config.json holding a JSON object with a model_type."""
+    if path.is_file():
+        raise HeadscopeError(f"{path} is a file, not a model folder; pass the folder holding config.json")
+    config = path / "config.json"
+    if not config.exists():
+        raise HeadscopeError(f"{path} is a folder without config.json: not a transformers model folder")
+    data = read_json(config, "model config", "fix or re-download the model folder")
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise HeadscopeError(f"{config} is not a transformers config: it needs a JSON object with a "
+                             "'model_type' (e.g. \"llama\"); fix or re-download the model folder")
