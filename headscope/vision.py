@@ -79,10 +79,10 @@ def image_files(folder: str | Path) -> list[Path]:
 def read_pairs(prompts_file: str | Path, images_dir: str | Path) -> list[tuple[Path, str]]:
     """(image path, prompt) pairs: a JSONL file with ``prompt`` and ``image`` columns (image relative
     to the folder), or plain text with one prompt per line, paired with every image of the folder."""
+    from headscope.validate import read_text
+
     path = Path(prompts_file)
-    if not path.is_file():
-        raise HeadscopeError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
     if not lines:
         raise HeadscopeError(f"prompts file {path} is empty; give one prompt per line")
     if path.suffix == ".jsonl":

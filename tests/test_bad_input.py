@@ -114,6 +114,15 @@ CASES = [
     ("seed-text", ["eval", *NEEDLE, "--seed", "x"], 2, "--seed", True),
     ("unknown-task", ["eval", "--task", "nope"], 2, "invalid choice", True),
     ("unknown-flag", ["eval", *NEEDLE, "--frobnicate"], 2, "unrecognized", True),
+    # ---- edits JSON (--edits)
+    ("edits-missing", ["eval", *NEEDLE, "--edits", "{tmp}/nope.json"], 2, "does not exist", False),
+    ("edits-dev-zero", ["eval", *NEEDLE, "--edits", "/dev/zero"], 2, "not a regular file", False),
+    ("edits-nan-strength", ["eval", *NEEDLE, "--edits", "{edits_nan}"], 2, "finite", False),
+    ("edits-text-strength", ["eval", *NEEDLE, "--edits", "{edits_text}"], 2, "must be a number", False),
+    ("edits-float-head", ["eval", *NEEDLE, "--edits", "{edits_float_head}"], 2, "pairs of integers", False),
+    ("edits-not-list", ["eval", *NEEDLE, "--edits", "{prompts_number}"], 2, "list of edit objects", False),
+    ("edits-empty-list", ["eval", *NEEDLE, "--edits", "{state_list}"], 2, "holds no edits", False),
+    ("vhr-layers-text", ["eval", *NEEDLE, "--vhr", "{good}", "--vhr-layers", "a,b"], 2, "--vhr-layers", True),
     # ---- model loading
     ("dtype-nonsense", ["eval", *NEEDLE, "--dtype", "nonsense"], 2, "--dtype", True),
     ("dtype-int8", ["eval", *NEEDLE, "--dtype", "int8"], 2, "--dtype", True),
@@ -230,6 +239,9 @@ def _files(tmp: Path) -> dict[str, str]:
         (tmp / name).mkdir()
         (tmp / name / "config.json").write_text(config)
         f[name] = str(tmp / name)
+    put("edits_nan.json", '[{"kind": "scale", "heads": [[0, 1]], "strength": NaN}]')
+    put("edits_text.json", '[{"kind": "scale", "heads": [[0, 1]], "strength": "2"}]')
+    put("edits_float_head.json", '[{"kind": "zero", "heads": [[1.7, 0]]}]')
     # prompts and state files
     put("prompts_csv.csv", "goal,target\nsay hi,hi\n")
     put("prompts_number.jsonl", "42\n")

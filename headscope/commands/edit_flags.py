@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from headscope.errors import HeadscopeError
+from headscope.validate import number_list
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def _build_file(args, hm, rng):
 def _add_vhr(parser):
     parser.add_argument("--vhr", metavar="CSV", help="VHR: multiply the z of the heads this VHD ranking selects "
                         "(above their layer's median in its layers) by --alpha (He et al. 2025)")
-    parser.add_argument("--vhr-layers", default=None, help="with --vhr: comma-separated layers (default: the CSV's)")
+    parser.add_argument("--vhr-layers", type=number_list(int), default=None, help="with --vhr: comma-separated layers (default: the CSV's)")
     parser.add_argument("--random-heads", action="store_true",
                         help="with --vhr: random heads instead, the same count per layer (control)")
     if not any(a.dest == "alpha" for a in parser._actions):
@@ -65,7 +66,7 @@ def _build_vhr(args, hm, rng):
     from headscope.scores import HeadScores
 
     scores = HeadScores.from_csv(args.vhr)
-    layers = [int(x) for x in args.vhr_layers.split(",")] if args.vhr_layers else None
+    layers = args.vhr_layers
     heads = hm.check_heads(select_heads(scores, layers))
     if not heads:
         raise HeadscopeError(f"{args.vhr} selects no heads (none above its layer median); check --vhr-layers")

@@ -235,6 +235,8 @@ def load_edits(path: str | os.PathLike) -> list[Edit]:
     data = [data] if isinstance(data, dict) else data
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise HeadscopeError(f"edits file {path} must hold a JSON list of edit objects (as save_edits writes)")
+    if not data:
+        raise HeadscopeError(f"edits file {path} holds no edits; add at least one edit object")
     return [Edit.from_dict(d) for d in data]
 
 
