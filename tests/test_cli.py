@@ -58,7 +58,7 @@ def test_models_lists_the_organism():
         (["score", "--task", "needle", "--lengths", "100000"], "exceeds the model's"),
         (["score", "--task", "needle", "--lengths", "10"], "too short for the needle"),
         (["eval", "--task", "needle", "--ablate", "MISSING.csv", "--top", "2"], "does not exist"),
-        (["eval", "--task", "needle", "--ablate", "BAD.csv", "--top", "2"], r"invalid head\(s\)"),
+        (["eval", "--task", "needle", "--ablate", "BAD.csv", "--top", "2"], r"outside the 4x8 grid"),
         (["score", "--task", "needle", "--needles", "EMPTY.jsonl"], "holds no needles"),
         (["score", "--task", "needle", "--needles", "BROKEN.jsonl"], "is not valid JSON"),
     ],
