@@ -90,14 +90,18 @@ def _finite_floats(parser: argparse.ArgumentParser) -> None:
 
 
 def check_outputs(args) -> None:
-    """Output paths (--out ranking CSV, --plot, --state) checked before any model is loaded."""
+    """Output paths checked before any model is loaded: ranking CSVs (``score --out``, ``--scores``)
+    with their sidecars, and every other file written (``--out``, ``--plot``, ``--state``)."""
     from headscope.scores import check_ranking_path
 
-    if getattr(args, "out", None):
-        check_ranking_path(args.out)
-    for name in ("plot", "state"):
-        if getattr(args, name, None):
-            check_output(args.__dict__[name], f"--{name} file")
+    for name in ("out", "scores", "plot", "state"):
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        if name == "scores" or (name == "out" and args.command == "score"):
+            check_ranking_path(path)
+        else:
+            check_output(path, f"--{name} file")
 
 
 def _peek_task(argv: list[str]) -> str | None:
@@ -308,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_utf8(arg)
         args = build_parser(_peek_task(argv)).parse_args(argv)
         check_outputs(args)
+        edit_flags.check(args)
         if args.command in ("score", "eval"):
             task = _tasks()[args.task]
             if args.model is None:

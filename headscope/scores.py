@@ -113,8 +113,9 @@ class HeadScores:
             shape = grid
         if shape is None:
             raise HeadscopeError(f"{path} has no sidecar {sidecar_path(path).name}, so its layers x heads grid is "
-                                 "unknown; pass the model's grid (HeadScores.from_csv(path, grid=(layers, heads))), "
-                                 "which the command line does for you")
+                                 "unknown; write rankings with `headscope score --out` (it writes the sidecar), or "
+                                 "pass the model's grid: HeadScores.from_csv(path, grid=(layers, heads)) (eval and "
+                                 "generate pass it for you)")
         outside = [(layer, head) for layer, head, _ in rows if not (layer < shape[0] and head < shape[1])]
         if outside:
             raise HeadscopeError(f"{path}: head(s) {outside[:5]} lie outside the {shape[0]}x{shape[1]} grid "

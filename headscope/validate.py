@@ -79,15 +79,19 @@ def check_output(path, what: str) -> Path:
     return path
 
 
-def write_whole(path, text: str) -> Path:
-    """Write ``text`` to ``path`` whole (temp file + rename), mode from the umask; no temp file
-    is left behind if the write fails."""
+def write_whole(path, content) -> Path:
+    """Write ``content`` to ``path`` whole (temp file + rename), mode from the umask; no temp file
+    is left behind if the write fails. ``content``: the text, or a function that writes the file
+    at the path it is given (binary formats, e.g. safetensors' ``save_file``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            if not callable(content):
+                handle.write(content)
+        if callable(content):
+            content(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

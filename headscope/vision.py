@@ -91,9 +91,9 @@ def read_pairs(prompts_file: str | Path, images_dir: str | Path) -> list[tuple[P
         pairs = []
         hint = 'each line should be {"image": "file.png", "prompt": "... <image> ..."}'
         for lineno, row in read_jsonl(path, "prompts file", hint):
-            if not isinstance(row, dict) or "prompt" not in row or "image" not in row:
-                raise HeadscopeError(f"{path}:{lineno} lacks a 'prompt' or 'image' column; {hint}")
-            pairs.append((Path(images_dir) / row["image"], str(row["prompt"])))
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "image")):
+                raise HeadscopeError(f"{path}:{lineno} lacks a 'prompt' or 'image' text; {hint}")
+            pairs.append((Path(images_dir) / row["image"], row["prompt"]))
         return pairs
     return [(image, prompt) for image in image_files(images_dir) for prompt in lines]
 

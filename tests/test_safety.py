@@ -179,6 +179,41 @@ def test_sahara_stops_at_a_score():
     assert len(result.params["chosen"]) == 1
 
 
+def test_ships_on_named_heads_scores_only_them():
+    hm = HeadModel(_sharp("llama"))
+    full = safety.ships(hm, PROMPTS[:2], top_per_query=3, progress=False)
+    part = safety.ships(hm, PROMPTS[:2], top_per_query=3, heads="L0H1, L1H2", progress=False)
+    scored = (~torch.isnan(part.scores)).nonzero().tolist()
+    assert scored == [[0, 1], [1, 2]]
+    torch.testing.assert_close(part.per_query[:, 0, 1], full.per_query[:, 0, 1])
+    torch.testing.assert_close(part.per_query[:, 1, 2], full.per_query[:, 1, 2])
+    assert part.count[0, 1] == part.count[1, 2] == 2  # both heads in each query's top 3 of the 2 scored
+
+
+def test_cli_safety_heads_by_name_and_max_heads(tmp_path):
+    """``score --task safety --heads NAMES`` names Sahara's candidates (the heads-by-name parser);
+    the stop count is ``--max-heads`` (the old ``--heads N``, which now says so)."""
+    import types
+
+    import pandas as pd
+
+    from headscope.cli import main
+    from headscope.commands.safety import queries
+
+    out = tmp_path / "s.csv"
+    argv = ["score", "--task", "safety", "--quiet", "--method", "sahara", "--heads", "L1H5,L0H2", "--max-heads", "1",
+            "--limit", "2", "--out", str(out)]
+    assert main(argv) == 0
+    frame = pd.read_csv(out).dropna()
+    qs = queries(types.SimpleNamespace(prompts=None, model="refusal", limit=2))
+    ref = safety.sahara(HeadModel.load("refusal"), qs, max_heads=1, candidates=[(1, 5), (0, 2)], progress=False)
+    assert sorted(zip(frame["layer"], frame["head"])) == [(0, 2), (1, 5)]
+    for layer, head, score in zip(frame["layer"], frame["head"], frame["score"]):
+        assert score == pytest.approx(float(ref.scores[layer, head]), rel=1e-5)
+    assert len(ref.params["chosen"]) == 1
+    assert main(argv[:6] + ["--heads", "3"]) == 2
+
+
 def test_bad_inputs_raise_and_leave_no_hooks():
     hm = HeadModel(tiny_model("llama"))
     with pytest.raises(HeadscopeError, match="invalid head"):

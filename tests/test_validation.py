@@ -108,7 +108,7 @@ def test_input_files_are_regular_utf8_and_bounded(tmp_path):
     ([{"kind": "scale", "heads": [[0, 1]], "strength": float("nan")}], "finite"),
     ([{"kind": "scale", "heads": [[0, 1]], "strength": "2"}], "must be a number"),
     ([{"kind": "scale", "heads": [[0, 1], [1, 1]], "strength": [1.0, float("inf")]}], "finite"),
-    ([{"kind": "zero", "heads": [[1.7, 0]]}], "pairs of integers"),
+    ([{"kind": "zero", "heads": [[1.7, 0]]}], "pair of integers"),
     ([{"kind": "zero", "heads": [[0, 1]], "positions": [1.5, 3]}], "positions"),
     ([{"kind": "zero", "heads": [[0, 1]], "colour": "red"}], "no other keys"),
     ([3], "list of edit objects"),
@@ -132,7 +132,7 @@ def test_tensor_strength_must_be_finite():
 # ------------------------------------------------------------------------------ needles, state files
 @pytest.mark.parametrize("row, fragment", [
     ({"needle": "The code is 42.", "question": "code?", "answer": "  "}, "blank"),
-    ({"needle": "The code is 42.", "question": "code?", "answer": "17"}, "does not occur in its needle"),
+    ({"needle": "The code is 42.", "question": "code?", "answer": "17"}, "does not contain its answer"),
     ({"needle": "The code is 42.", "question": "code?", "answer": 42}, "must be text"),
     ({"needle": "The code is 42.", "question": ["code?"], "answer": "42"}, "must be text"),
 ])
@@ -269,9 +269,15 @@ def test_decoding_loops_pass_the_current_cache_argument(hm):
     try:
         ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(2))
         decore_generate(hm, ids, [(0, 1)], max_new_tokens=3)
-        trial = NeedleTrial(prompt_ids=[3, 9, 4, 7, 5, 2], needle_span=(1, 3), answer_ids=[9, 4], answer="x",
-                            length=6, depth=0.0, needle_index=0)
-        _score_decode(hm, [trial], [0], 0)
     finally:
         handle.remove()
-    assert len(seen) > 3 and all("past_key_values" not in k for k in seen) and any("cache" in k for k in seen)
+    organism = HeadModel.load("retrieval")  # the decode variant reads the answer as text: needs a tokenizer
+    handle = organism.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(set(kwargs)),
+                                                      with_kwargs=True)
+    try:
+        trial = NeedleTrial(prompt_ids=[3, 9, 4, 7, 5, 2], needle_span=(1, 3), answer_ids=[9, 4], answer="x",
+                            length=6, depth=0.0, needle_index=0)
+        _score_decode(organism, [trial], [0], 0, "needle")
+    finally:
+        handle.remove()
+    assert len(seen) > 6 and all("past_key_values" not in k for k in seen) and sum("cache" in k for k in seen) >= 2

@@ -126,15 +126,16 @@ def rank_by_query_counts(kl: torch.Tensor, top_per_query: int = 10) -> tuple[tor
     """
     n, layers, heads = kl.shape
     flat = torch.nan_to_num(kl.reshape(n, -1), nan=-math.inf)
-    k = min(top_per_query, flat.shape[1])
     count = torch.zeros(layers * heads, dtype=torch.float64)
     for row in flat:
-        count[row.topk(k).indices] += 1
+        count[row.topk(min(top_per_query, int(torch.isfinite(row).sum()))).indices] += 1
     total = torch.nan_to_num(kl, nan=0.0).sum(0).reshape(-1).double()
     top = float(total.max()) if total.numel() else 0.0
     frac = total / (top * 1.001) if top > 0 else torch.zeros_like(total)
+    unscored = torch.isnan(kl).all(0).reshape(-1)  # heads left out (``heads=``) stay unscored
+    score = (count + frac).masked_fill(unscored, math.nan)
     shape = (layers, heads)
-    return (count + frac).view(shape), count.view(shape), total.view(shape)
+    return score.view(shape), count.view(shape), total.view(shape)
 
 
 def ships(
@@ -146,18 +147,20 @@ def ships(
     template: str = "reference",
     batch_size: int = 32,
     progress: bool = True,
+    heads: Sequence[Head] | None = None,
 ) -> HeadScores:
     """Ships (Zhou et al. 2024): rank heads by how many harmful queries have them in their top-10 KL.
 
     ``prompts``: query strings (formatted with ``template``) or token-id lists. ``eps``: query
-    (or output) scale of the ablated head [1e-4; the paper also uses 1e-5]. The result's
-    ``per_query`` attribute holds the KL tensor [N, layers, heads].
+    (or output) scale of the ablated head [1e-4; the paper also uses 1e-5]. ``heads``: score only
+    these (the others stay NaN, unscored). The result's ``per_query`` attribute holds the KL
+    tensor [N, layers, heads].
     """
     if eps < 0:
         raise HeadscopeError(f"eps must be >= 0; got {eps}")
     ids = _encode(hm, prompts, template)
     per_query = torch.stack(
-        [ships_per_query(hm, p, eps=eps, ablation=ablation, batch_size=batch_size)
+        [ships_per_query(hm, p, heads=heads, eps=eps, ablation=ablation, batch_size=batch_size)
          for p in tqdm(ids, desc="ships", disable=not progress)]
     )
     score, count, total = rank_by_query_counts(per_query, top_per_query)
@@ -363,7 +366,9 @@ def sahara(
                 _write_whole(state, json.dumps(payload, indent=1) + "\n")
 
     g = hm.geometry
-    out = torch.zeros(g.n_layers, g.n_heads)
+    out = torch.full((g.n_layers, g.n_heads), float("nan"))  # heads outside ``candidates`` stay unscored
+    for layer, head in pool:
+        out[layer, head] = 0.0
     top = max(first_step.values(), default=0.0)
     for key, s in first_step.items():
         layer, head = map(int, key.split(","))

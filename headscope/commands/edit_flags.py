@@ -27,10 +27,18 @@ from headscope.validate import number_list
 class EditFlag:
     add: Callable[[argparse.ArgumentParser], None]
     build: Callable  # (args, hm, rng: random.Random | None) -> list[Edit]; [] when the flag is not given
+    check: Callable = lambda args: None  # (args) -> None: read and validate its files before the model loads
 
 
 def _add_file(parser):
     parser.add_argument("--edits", metavar="JSON", help="apply the edits in this file (written by save_edits)")
+
+
+def _check_file(args):
+    from headscope.interventions import load_edits
+
+    if getattr(args, "edits", None):
+        load_edits(args.edits)
 
 
 def _build_file(args, hm, rng):
@@ -55,17 +63,24 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
+def _check_vhr(args):
+    from headscope.heads import check_ranking
+
+    if getattr(args, "vhr", None):
+        check_ranking(args.vhr, None)
+    elif getattr(args, "random_heads", False):
+        raise HeadscopeError("--random-heads needs --vhr CSV (it draws as many heads per layer as VHR selects)")
+
+
 def _build_vhr(args, hm, rng):
     if not getattr(args, "vhr", None):
-        if getattr(args, "random_heads", False):
-            raise HeadscopeError("--random-heads needs --vhr CSV (it draws as many heads per layer as VHR selects)")
         return []
     from headscope.analyzers.vision import select_heads
     from headscope.heads import same_layer_random_heads
     from headscope.interventions import Edit
     from headscope.scores import HeadScores
 
-    scores = HeadScores.from_csv(args.vhr)
+    scores = HeadScores.from_csv(args.vhr, grid=(hm.geometry.n_layers, hm.geometry.n_heads))
     layers = args.vhr_layers
     heads = hm.check_heads(select_heads(scores, layers))
     if not heads:
@@ -109,6 +124,13 @@ def _add_inject(parser):
                         "fit) into the prompt's last token with its learned alphas (Park & Rhee 2025)")
 
 
+def _check_inject(args):
+    from headscope.interventions.soft_injection import TaskEmbedding
+
+    if getattr(args, "inject", None):
+        TaskEmbedding.load(args.inject)
+
+
 def _build_inject(args, hm, rng):
     if not getattr(args, "inject", None):
         return []
@@ -119,13 +141,19 @@ def _build_inject(args, hm, rng):
     return [emb.edit()]
 
 
-EDIT_FLAGS: list[EditFlag] = [EditFlag(_add_file, _build_file), EditFlag(_add_vhr, _build_vhr),
-                              EditFlag(_add_var, _build_var), EditFlag(_add_inject, _build_inject)]
+EDIT_FLAGS: list[EditFlag] = [EditFlag(_add_file, _build_file, _check_file), EditFlag(_add_vhr, _build_vhr, _check_vhr),
+                              EditFlag(_add_var, _build_var), EditFlag(_add_inject, _build_inject, _check_inject)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in EDIT_FLAGS:
         flag.add(parser)
+
+
+def check(args) -> None:
+    """Every edit flag's input files read and validated (the CLI calls this before loading the model)."""
+    for flag in EDIT_FLAGS:
+        flag.check(args)
 
 
 def build_edits(args, hm, rng: random.Random | None = None) -> list:

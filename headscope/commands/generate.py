@@ -59,6 +59,10 @@ def run(args) -> int:
 
     mode = edit_mode(args)
     check_edit_heads(args, mode)
+    if args.image is not None:
+        from headscope import vision
+
+        vision.load_image(args.image)
     hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; generate needs one to encode the prompt")

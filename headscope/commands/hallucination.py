@@ -16,30 +16,28 @@ import argparse
 
 from headscope import zoo
 from headscope.errors import HeadscopeError
+from headscope.validate import positive_int
 
 TASKS = ("hallucination",)
 DEFAULT_MODEL = "vision"
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--scenes", type=int, default=None,
+    parser.add_argument("--scenes", type=positive_int, default=None,
                         help="held-out partner-absent scenes (default: the organism's held-out count, else 100)")
     parser.add_argument("--scene-seed", type=int, default=None, help="seed of the held-out scenes (default: the organism's)")
     parser.add_argument("--caption-prompt", default=None,
                         help="caption prompt with an <image> placeholder (default: the organism's)")
     parser.add_argument("--question-prompt", default=None,
                         help="POPE question with <image> and {object} (default: the organism's)")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="caption length limit")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=24, help="caption length limit")
 
 
-def evaluate(args, hm) -> dict[str, float]:
+def _prompts(args) -> tuple[str, str]:
+    """The caption prompt and POPE question (the organism's unless given), checked for their slots."""
     from headscope.tasks import shapes
 
     info = zoo.organism_info(args.model)
-    held = info.get("heldout", {})
-    n = args.scenes if args.scenes is not None else held.get("scenes", 100)
-    if n < 1:
-        raise HeadscopeError(f"--scenes must be >= 1; got {n}")
     caption = args.caption_prompt or info.get("caption_prompt", shapes.CAPTION_PROMPT)
     question = args.question_prompt or info.get("question_prompt", shapes.QUESTION_PROMPT)
     for name, prompt in (("--caption-prompt", caption), ("--question-prompt", question)):
@@ -47,6 +45,19 @@ def evaluate(args, hm) -> dict[str, float]:
             raise HeadscopeError(f"{name} {prompt!r} has no <image> placeholder; put <image> where the image goes")
     if "{object}" not in question:
         raise HeadscopeError(f"--question-prompt {question!r} has no {{object}} slot, e.g. 'Is there a {{object}} in the image?'")
+    return caption, question
+
+
+def check(args) -> None:
+    _prompts(args)
+
+
+def evaluate(args, hm) -> dict[str, float]:
+    from headscope.tasks import shapes
+
+    held = zoo.organism_info(args.model).get("heldout", {})
+    n = args.scenes if args.scenes is not None else held.get("scenes", 100)
+    caption, question = _prompts(args)
     from headscope import vision
 
     vision.require_vision(hm, "--task hallucination")

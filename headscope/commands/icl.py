@@ -15,6 +15,7 @@ import argparse
 
 from headscope import zoo
 from headscope.errors import HeadscopeError
+from headscope.validate import nonnegative_int, positive_int
 
 TASKS = ("icl",)
 DEFAULT_MODEL = "icl"
@@ -49,24 +50,34 @@ def task_files(args) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--tasks", nargs="+", metavar="FILE", help="task JSONL files (default: the organism's)")
-    parser.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (0: zero-shot)")
-    parser.add_argument("--queries", type=int, default=None,
+    parser.add_argument("--shots", type=nonnegative_int, default=0, help="demonstrations per prompt (0: zero-shot)")
+    parser.add_argument("--queries", type=positive_int, default=None,
                         help="draw this many test queries with replacement, each with its own demonstrations "
                              "(default: every test query once)")
     add_prompt_arguments(parser)
 
 
-def evaluate(args, hm) -> dict[str, float]:
-    from headscope.interventions.soft_injection import accuracy
+def _tasks(args) -> list:
+    """The task files read and split, each with enough train pairs for --shots."""
     from headscope.tasks.icl import IclTask
 
-    files = task_files(args)
-    if args.shots < 0:
-        raise HeadscopeError(f"--shots must be >= 0; got {args.shots}")
+    tasks = [IclTask.load(path, seed=args.split_seed) for path in task_files(args)]
+    for task in tasks:
+        task.check_shots(args.shots)
+    return tasks
+
+
+def check(args) -> None:
+    _tasks(args)
+    prompt_format(args)
+
+
+def evaluate(args, hm) -> dict[str, float]:
+    from headscope.interventions.soft_injection import accuracy
+
     fmt = prompt_format(args)
     values = []
-    for path in files:
-        task = IclTask.load(path, seed=args.split_seed)
+    for task in _tasks(args):
         values.append(accuracy(hm, task, args.shots, fmt=fmt, n=args.queries, seed=args.seed,
                                batch_size=args.batch_size))
         print(f"{task.name}: {values[-1]:.3f}")

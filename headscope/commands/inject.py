@@ -13,6 +13,7 @@ import argparse
 
 from headscope.commands.icl import add_prompt_arguments, prompt_format
 from headscope.errors import HeadscopeError
+from headscope.validate import positive_int
 
 NAME = "inject"
 HELP = "fit a task embedding and its soft head selection (soft injection)"
@@ -24,15 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--model", default="icl", help="shipped organism, local folder or hub id")
     fit.add_argument("--task", required=True, metavar="FILE", help="task JSONL of {input, output} pairs")
     fit.add_argument("--out", required=True, help="the task embedding file to write (.safetensors)")
-    fit.add_argument("--shots", type=int, default=10, help="demonstrations per prompt for the embedding [10]")
-    fit.add_argument("--prompts", type=int, default=50, help="N, k-shot prompts averaged [50]")
-    fit.add_argument("--steps", type=int, default=400, help="Adam steps on theta [400]")
-    fit.add_argument("--lr", type=float, default=0.2)
+    fit.add_argument("--shots", type=positive_int, default=10, help="demonstrations per prompt for the embedding [10]")
+    fit.add_argument("--prompts", type=positive_int, default=50, help="N, k-shot prompts averaged [50]")
+    fit.add_argument("--steps", type=positive_int, default=400, help="Adam steps on theta [400]")
+    fit.add_argument("--lr", type=float, default=0.2, help="Adam learning rate (> 0) [0.2]")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--scores", metavar="CSV", help="also write the alphas as a head ranking CSV")
     fit.add_argument("--device", default=None)
     fit.add_argument("--dtype", default="float32")
-    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--batch-size", type=positive_int, default=8)
     fit.add_argument("--quiet", action="store_true")
     add_prompt_arguments(fit)
 
@@ -42,12 +43,12 @@ def run(args) -> int:
     from headscope.model import HeadModel
     from headscope.tasks.icl import IclTask
 
-    if args.shots < 1 or args.prompts < 1 or args.steps < 1:
-        raise HeadscopeError("--shots, --prompts and --steps must be >= 1")
+    if args.lr <= 0:
+        raise HeadscopeError(f"--lr must be > 0; got {args.lr:g}")
     task = IclTask.load(args.task, seed=args.split_seed)
     task.check_shots(args.shots + 1)
-    hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
     fmt = prompt_format(args)
+    hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
     emb = task_embedding(hm, task, k=args.shots, n=args.prompts, fmt=fmt, seed=args.seed,
                          batch_size=args.batch_size, progress=not args.quiet)
     emb = fit_soft_selection(hm, task, emb, steps=args.steps, lr=args.lr, fmt=fmt, seed=args.seed,

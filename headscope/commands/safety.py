@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from headscope.errors import HeadscopeError
+from headscope.heads import EXAMPLES
 from headscope.validate import positive_int
 
 TASKS = ("safety",)
@@ -31,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--ships-ablation", choices=("query", "output"), default="query",
                             help="scale the head's query (uniform attention) or its output z")
         parser.add_argument("--top-per-query", type=int, default=10, help="ships: top heads kept per query")
-        parser.add_argument("--heads", type=int, default=3, help="sahara: stop at this many heads")
+        parser.add_argument("--max-heads", type=positive_int, default=3, help="sahara: stop at this many heads [3]")
+        parser.add_argument("--heads", metavar="NAMES", help="score only these heads (ships, generalized-ships) or "
+                            f"choose among them (sahara): {EXAMPLES}")
         parser.add_argument("--min-score", type=float, help="sahara: stop once the subspace shift reaches this (degrees)")
         parser.add_argument("--rank", type=int, default=1, help="sahara / generalized-ships: subspace rank r")
         parser.add_argument("--state", help="sahara: resumable state file (JSON), rewritten after each step")
@@ -63,21 +66,35 @@ def check(args) -> None:
 
     if args.prompts:
         load_prompts(args.prompts, args.column, args.limit)
+    if getattr(args, "heads", None):
+        _heads(args)
     if getattr(args, "state", None) and Path(args.state).exists():
         _read_state(Path(args.state))
+
+
+def _heads(args):
+    """--heads NAMES (the heads to score); a bare count is the old spelling of --max-heads."""
+    from headscope.heads import parse_heads
+
+    if args.heads.strip().isdigit():
+        raise HeadscopeError(f"--heads names the heads to score ({EXAMPLES}); to stop Sahara after "
+                             f"{args.heads.strip()} heads use --max-heads {args.heads.strip()}")
+    return parse_heads(args.heads)
 
 
 def score(args, hm):
     from headscope.analyzers import safety
 
     qs = queries(args)
+    heads = hm.check_heads(_heads(args)) if args.heads else None
     common = dict(eps=args.eps, ablation=args.ships_ablation, template=args.template,
                   batch_size=args.batch_size, progress=not args.quiet)
     if args.method == "ships":
-        return safety.ships(hm, qs, top_per_query=args.top_per_query, **common)
+        return safety.ships(hm, qs, top_per_query=args.top_per_query, heads=heads, **common)
     if args.method == "generalized-ships":
-        return safety.generalized_ships(hm, qs, r=args.rank, **common)
-    return safety.sahara(hm, qs, max_heads=args.heads, min_score=args.min_score, r=args.rank, state=args.state, **common)
+        return safety.generalized_ships(hm, qs, heads=heads, r=args.rank, **common)
+    return safety.sahara(hm, qs, max_heads=args.max_heads, min_score=args.min_score, r=args.rank,
+                         candidates=heads, state=args.state, **common)
 
 
 def evaluate(args, hm) -> dict[str, float]:

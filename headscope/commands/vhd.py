@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.errors import HeadscopeError
+from headscope.validate import number_list
 
 TASKS = ("vhd",)
 DEFAULT_MODEL = "vision"
@@ -21,10 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--images", required=command == "score", help="folder of PNG/JPEG images")
     parser.add_argument("--prompts", required=command == "score",
                         help="prompts: one per line (with <image>) or JSONL with prompt and image columns")
-    parser.add_argument("--layers", default=None,
+    parser.add_argument("--layers", type=number_list(int), default=None,
                         help="comma-separated layers where VHR selects heads (default: the last 14/32 of them)")
     parser.add_argument("--squared", action="store_true", help="squared L2 distance (one port's variant)")
     parser.add_argument("--no-filter", action="store_true", help="skip the per-layer outlier filter")
+
+
+def _inputs(args) -> tuple[list, list[str]]:
+    """The images and prompts of --images / --prompts, each file read and checked."""
+    from headscope import vision
+
+    pairs = vision.read_pairs(args.prompts, args.images)
+    return [vision.load_image(path) for path, _ in pairs], [prompt for _, prompt in pairs]
+
+
+def check(args) -> None:
+    if args.command == "score":  # eval --task vhd has no metric (its error comes next)
+        _inputs(args)
 
 
 def score(args, hm):
@@ -32,12 +45,6 @@ def score(args, hm):
     from headscope.analyzers.vision import vision_aware_heads
 
     vision.require_vision(hm, "--task vhd")
-    pairs = vision.read_pairs(args.prompts, args.images)
-    try:
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    except ValueError:
-        raise HeadscopeError(f"--layers must be comma-separated integers; got {args.layers!r}") from None
-    images = [vision.load_image(path) for path, _ in pairs]
-    return vision_aware_heads(hm, images, [prompt for _, prompt in pairs], squared=args.squared,
-                              filter_outliers=not args.no_filter, layers=layers, batch_size=args.batch_size,
-                              progress=not args.quiet)
+    images, prompts = _inputs(args)
+    return vision_aware_heads(hm, images, prompts, squared=args.squared, filter_outliers=not args.no_filter,
+                              layers=args.layers, batch_size=args.batch_size, progress=not args.quiet)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.errors import HeadscopeError
+from headscope.validate import write_whole
 from headscope.interventions.edits import Edit, intervene
 from headscope.scores import HeadScores
 from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
@@ -115,23 +114,15 @@ class TaskEmbedding:
         if self.alphas is not None:
             tensors["alphas"] = self.alphas.detach().contiguous().float().cpu()
         header = {k: json.dumps(v) for k, v in self.meta.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=".emb-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     @classmethod
     def load(cls, path) -> "TaskEmbedding":
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.exists():
-            raise HeadscopeError(f"task embedding {path} does not exist; make one with `headscope inject fit`")
+        if not path.is_file():
+            raise HeadscopeError(f"task embedding {path} does not exist or is not a file; make one with `headscope inject fit`")
         try:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
@@ -140,8 +131,18 @@ class TaskEmbedding:
             raise HeadscopeError(f"{path} is not a safetensors task embedding ({exc}); make one with `headscope inject fit`") from None
         if "vectors" not in tensors:
             raise HeadscopeError(f"{path} holds no 'vectors' tensor; make it with `headscope inject fit`")
-        meta = {k: json.loads(v) for k, v in header.items()}
-        return cls(tensors["vectors"], meta, tensors.get("alphas"))
+        vectors, alphas = tensors["vectors"], tensors.get("alphas")
+        if vectors.dim() != 3 or (alphas is not None and tuple(alphas.shape) != tuple(vectors.shape[:2])):
+            raise HeadscopeError(f"{path}: vectors must be [layers, heads, head_dim] and alphas [layers, heads]; got "
+                                 f"{list(vectors.shape)} and {None if alphas is None else list(alphas.shape)}")
+        if not all(bool(t.float().isfinite().all()) for t in (vectors, alphas) if t is not None):
+            raise HeadscopeError(f"{path} holds NaN or infinite values; fit the embedding again (headscope inject fit)")
+        try:
+            meta = {k: json.loads(v) for k, v in header.items()}
+        except json.JSONDecodeError:
+            raise HeadscopeError(f"{path}: its header metadata is not the JSON `headscope inject fit` writes; "
+                                 "make the file with `headscope inject fit`") from None
+        return cls(vectors, meta, alphas)
 
 
 @torch.no_grad()
