@@ -128,7 +128,7 @@ def _score(args, task) -> int:
     frame = scores.to_frame()
     details = ", ".join(f"{k}={v}" for k, v in scores.params.items())
     print(f"{hm}\n{scores.method} scores ({details})")
-    shown = frame.head(args.show)
+    shown = frame.dropna(subset=["score"]).head(args.show)  # unscored heads (NaN) are not ranked
     shown = shown.assign(head=[format_head(h) for h in zip(shown["layer"], shown["head"])]).drop(columns="layer")
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if args.out:

@@ -322,8 +322,11 @@ def _files(tmp: Path) -> dict[str, str]:
         f[name] = str(tmp / name)
     put("vhd_number.jsonl", json.dumps({"image": 3, "prompt": "<image> what?"}) + "\n")
     put("vhd_missing.jsonl", json.dumps({"image": "nope.png", "prompt": "<image> what?"}) + "\n")
-    # in-context learning: a small task file and task embeddings (valid for a 1x1 model, NaN, wrong shape)
-    put("icl_small.jsonl", "".join(json.dumps({"input": f"w{i}", "output": f"v{i}"}) + "\n" for i in range(40)))
+    # in-context learning: a task file the icl organism reads (its own), task embeddings (valid for a
+    # 1x1x2 model, NaN, wrong shape)
+    from headscope import zoo
+
+    put("icl_small.jsonl", (zoo.organism_path("icl") / "next.jsonl").read_text())
     from safetensors.torch import save_file
 
     from headscope.interventions.soft_injection import TaskEmbedding

@@ -140,7 +140,7 @@ def test_eval_task_prints_the_four_measures_last(capsys):
 
 @needs_organism
 @pytest.mark.parametrize("args, message", [
-    (["--scenes", "0"], "--scenes must be >= 1"),
+    (["--scenes", "0"], "--scenes: must be >= 1"),
     (["--caption-prompt", "describe :"], "no <image> placeholder"),
     (["--question-prompt", "<image> is there ?"], "no {object} slot"),
     (["--model", "retrieval"], "needs a vision-language model"),
