@@ -161,6 +161,8 @@ def test_var_edit_data_and_errors(llava_path):
     with pytest.raises(HeadscopeError, match="unknown VAR option"):
         Edit("var", [], options={"sink_dims": [1]})
     with pytest.raises(HeadscopeError, match="p \\(strength\\) must be one number in \\[0, 1\\]"):
+        Edit("var", [], strength=1.5)
+    with pytest.raises(HeadscopeError, match="strength must be a finite number"):  # every kind refuses NaN
         Edit("var", [], strength=float("nan"))
     from conftest import tiny_model
 

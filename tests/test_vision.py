@@ -182,7 +182,7 @@ def test_cli_vhd_score_generate_and_errors(llava_path, tmp_path, capsys):
     assert "edit: scale" in capsys.readouterr().out
     for extra, message in [(["--prompt", "describe", "--vhr", str(out)], "image placeholder"),
                            (["--prompt", PROMPTS[0], "--vhr", str(out), "--alpha", "0"], "--alpha must be"),
-                           (["--prompt", PROMPTS[0], "--vhr", str(out), "--alpha", "nan"], "--alpha must be")]:
+                           (["--prompt", PROMPTS[0], "--vhr", str(out), "--alpha", "nan"], "--alpha: must be a finite number")]:
         assert main(gen + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err
