@@ -37,7 +37,7 @@ def _tasks() -> dict:
 def _common(parser: argparse.ArgumentParser, tasks: dict, command: str, chosen) -> None:
     parser.add_argument("--task", required=True, choices=sorted(tasks), help="what to measure")
     parser.add_argument("--model", default=None, help="shipped organism, local folder or hub id (default: the task's organism)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    add_device_arguments(parser)
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -113,11 +113,22 @@ def _peek_task(argv: list[str]) -> str | None:
     return None
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, or --device-map / --max-memory to split the model over devices (accelerate)."""
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument("--device-map", default=None,
+                        help="split the model over devices: auto | balanced | sequential | JSON {\"module\": device}")
+    parser.add_argument("--max-memory", default=None, help="with --device-map: per-device budget, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+
+
 def load_model(args):
     """The model named by --model (or the task's default organism) as a HeadModel."""
+    from headscope import devices
     from headscope.model import HeadModel
 
-    return HeadModel.load(args.model, device=args.device, dtype=args.dtype)
+    return HeadModel.load(args.model, device=args.device, dtype=args.dtype,
+                          device_map=devices.parse_device_map(getattr(args, "device_map", None)),
+                          max_memory=devices.parse_max_memory(getattr(args, "max_memory", None)))
 
 
 def _score(args, task) -> int:

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from headscope import hooks
+from headscope import devices, hooks
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads, format_heads
 
@@ -137,14 +137,17 @@ class HeadModel:
 
     # --------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike, *, device: str | None = None, dtype="float32", **kwargs):
+    def load(cls, name_or_path: str | os.PathLike, *, device: str | None = None, dtype="float32",
+             device_map=None, max_memory: dict | None = None, offload_folder: str | None = None, **kwargs):
         """Load a shipped organism (``headscope models``), a local folder or a hub id.
 
         The auto class is the one whose mapping holds the config's architecture (causal LMs:
         AutoModelForCausalLM; LLaVA-style: AutoModelForImageTextToText, with their processor, PIL
         image backend when torchvision is missing; T5/BART: AutoModelForSeq2SeqLM); other models
         load through AutoModel. ``kwargs`` go to ``from_pretrained`` (``attn_implementation``
-        defaults to ``"sdpa"``).
+        defaults to ``"sdpa"``). ``device_map`` ("auto" or ``{"module": device}``, devices may be
+        "cpu" or "disk") and ``max_memory`` split the model over devices with accelerate; offloaded
+        weights go to ``offload_folder`` (default: a temp folder).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -174,8 +177,21 @@ class HeadModel:
         # SDPA cannot softcap attention logits (Gemma 2): such models run eager outside headscope's hooks
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         kwargs.setdefault("attn_implementation", "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa")
-        with _no_loading_bars():
-            model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        if device_map is not None or max_memory is not None:
+            if device is not None:
+                raise HeadscopeError("give either device (one device) or device_map / max_memory (split over devices), not both")
+            import tempfile
+
+            kwargs.update(device_map=device_map or "auto", max_memory=max_memory,
+                          offload_folder=offload_folder or tempfile.mkdtemp(prefix="headscope-offload-"))
+        try:
+            with _no_loading_bars():
+                model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        except (ValueError, KeyError) as exc:
+            if "device_map" not in kwargs:
+                raise
+            raise HeadscopeError(f"could not split {source!r} over devices with device_map={kwargs['device_map']!r}: "
+                                 f"{exc}") from None
         model.eval()
         if device is not None:
             model.to(device)
@@ -206,7 +222,9 @@ class HeadModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device the input embeddings run on (split models: the first block's)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        return devices.execution_device(embeddings if embeddings is not None else self.model)
 
     def __repr__(self) -> str:
         g = self.geometry

@@ -39,7 +39,8 @@ Head = tuple[int, int]
 def logit_diff(logits: torch.Tensor, answer: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
     """logit(answer) - logit(wrong) at the last position, per row ([B, N, V] -> [B])."""
     last = logits[:, -1].float()
-    return last.gather(1, answer.view(-1, 1)).squeeze(1) - last.gather(1, wrong.view(-1, 1)).squeeze(1)
+    answer, wrong = answer.to(last.device).view(-1, 1), wrong.to(last.device).view(-1, 1)  # split models: logits live on the last block's device
+    return last.gather(1, answer).squeeze(1) - last.gather(1, wrong).squeeze(1)
 
 
 def _check(groups: Sequence[EncodedPairs]) -> list[EncodedPairs]:
@@ -54,10 +55,10 @@ def _check(groups: Sequence[EncodedPairs]) -> list[EncodedPairs]:
 def _run(hm: HeadModel, ids: torch.Tensor, answer, wrong, capture: bool = False):
     """Metric per row, and z of every layer ({layer: [B, N, H, d]}) when ``capture``."""
     if not capture:
-        return logit_diff(hm.model(input_ids=ids.to(hm.device)).logits, answer.to(hm.device), wrong.to(hm.device)), None
+        return logit_diff(hm.model(input_ids=ids.to(hm.device)).logits, answer, wrong), None
     with hm.capture_z() as cap:
         out = hm.model(input_ids=ids.to(hm.device)).logits
-    return logit_diff(out, answer.to(hm.device), wrong.to(hm.device)), dict(cap.z)
+    return logit_diff(out, answer, wrong), dict(cap.z)
 
 
 def baseline(hm: HeadModel, groups: Sequence[EncodedPairs]) -> tuple[float, float]:
@@ -158,7 +159,7 @@ def attribution_patching(hm: HeadModel, groups: Sequence[EncodedPairs], steps: i
     embed = hm.model.get_input_embeddings()
     for grp in groups:
         corrupt, z_corrupt = _run(hm, grp.corrupt, grp.answer, grp.wrong, capture=True)
-        answer, wrong = grp.answer.to(hm.device), grp.wrong.to(hm.device)
+        answer, wrong = grp.answer, grp.wrong
         if steps > 1:
             with torch.no_grad():
                 e_clean, e_corrupt = embed(grp.clean.to(hm.device)), embed(grp.corrupt.to(hm.device))

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import torch
 from headscope.progress import tqdm
 
+from headscope import devices
 from headscope.errors import HeadscopeError
 from headscope.heads import same_layer_random_heads
 from headscope.model import HeadModel, head_masks
@@ -67,7 +68,7 @@ def output_weights(hm: HeadModel, layer: int) -> torch.Tensor:
     """
     g = hm.geometry
     module = hm._layers[layer].out_proj
-    w = module.weight.detach()
+    w = devices.weight(module)
     if type(module).__name__ == "Conv1D":
         w_in_out = w  # [H*d, d_model]
     else:
@@ -118,7 +119,7 @@ def unembedding(hm: HeadModel) -> torch.Tensor:
     if out is None:
         raise HeadscopeError(f"{type(hm.model).__name__} has no unembedding (output embeddings); head pursuit needs "
                              "a language-model head to build the concept dictionary")
-    return out.weight.detach().float().cpu()
+    return devices.weight(out).float().cpu()
 
 
 def head_pursuit(hm: HeadModel, prompts: Sequence[Sequence[int]], concept_ids: Sequence[int], k: int = 50,
@@ -170,15 +171,16 @@ def concept_probability(hm: HeadModel, prompts: Sequence[Sequence[int]], concept
 
     Prompts run ``batch_size`` at a time, right-padded: under the causal mask a prompt's own tokens
     never see the padding, so each prompt's last-position logits are those of running it alone."""
-    ids = torch.tensor(list(concept_ids), device=hm.device)
+    ids = torch.tensor(list(concept_ids))
     prompts = [list(p) for p in prompts]
     total = 0.0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         lengths = torch.tensor([len(p) for p in chunk], device=hm.device)
         batch = torch.tensor([p + [p[-1]] * (int(lengths.max()) - len(p)) for p in chunk], device=hm.device)
-        logits = hm.model(input_ids=batch).logits[torch.arange(len(chunk), device=hm.device), lengths - 1].float()
-        total += float(logits.softmax(-1)[:, ids].sum())
+        logits = hm.model(input_ids=batch).logits  # on the last block's device when the model is split
+        last = logits[torch.arange(len(chunk), device=logits.device), lengths.to(logits.device) - 1].float()
+        total += float(last.softmax(-1)[:, ids.to(logits.device)].sum())
     return total / len(prompts)
 
 

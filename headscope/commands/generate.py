@@ -18,8 +18,8 @@ import argparse
 import torch
 
 from headscope.commands import edit_flags
+from headscope.cli import add_device_arguments, add_heads_arguments, load_model
 from headscope.errors import HeadscopeError
-from headscope.cli import add_heads_arguments
 from headscope.validate import positive_int
 
 NAME = "generate"
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="retrieval", help="shipped organism, local folder or hub id")
     parser.add_argument("--prompt", required=True, help="the prompt text (with an image model: holding <image>)")
     parser.add_argument("--image", default=None, help="image file (PNG/JPEG) for an image-text model")
-    parser.add_argument("--device", default=None)
+    add_device_arguments(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16)
     parser.add_argument("--ablate", metavar="CSV", nargs="?", const="",
@@ -55,7 +55,6 @@ def run(args) -> int:
     from headscope.interventions.decore import decore_generate
     from headscope.cli import check_edit_heads, edit_heads, edit_mode
     from headscope.heads import format_heads
-    from headscope.model import HeadModel
 
     mode = edit_mode(args)
     check_edit_heads(args, mode)
@@ -63,7 +62,7 @@ def run(args) -> int:
         from headscope import vision
 
         vision.load_image(args.image)
-    hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
+    hm = load_model(args)
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; generate needs one to encode the prompt")
     if args.image is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from headscope.cli import add_device_arguments, load_model
 from headscope.commands.icl import add_prompt_arguments, prompt_format
 from headscope.errors import HeadscopeError
 from headscope.validate import positive_int
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--lr", type=float, default=0.2, help="Adam learning rate (> 0) [0.2]")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--scores", metavar="CSV", help="also write the alphas as a head ranking CSV")
-    fit.add_argument("--device", default=None)
+    add_device_arguments(fit)
     fit.add_argument("--dtype", default="float32")
     fit.add_argument("--batch-size", type=positive_int, default=8)
     fit.add_argument("--quiet", action="store_true")
@@ -40,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from headscope.interventions.soft_injection import fit_soft_selection, task_embedding
-    from headscope.model import HeadModel
     from headscope.tasks.icl import IclTask
 
     if args.lr <= 0:
@@ -48,7 +48,7 @@ def run(args) -> int:
     task = IclTask.load(args.task, seed=args.split_seed)
     task.check_shots(args.shots + 1)
     fmt = prompt_format(args)
-    hm = HeadModel.load(args.model, device=args.device, dtype=args.dtype)
+    hm = load_model(args)
     emb = task_embedding(hm, task, k=args.shots, n=args.prompts, fmt=fmt, seed=args.seed,
                          batch_size=args.batch_size, progress=not args.quiet)
     emb = fit_soft_selection(hm, task, emb, steps=args.steps, lr=args.lr, fmt=fmt, seed=args.seed,
