@@ -56,6 +56,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     _common(score, tasks, "score", chosen)
     score.add_argument("--out", help="write the ranking CSV here (plus a .json metadata sidecar)")
     score.add_argument("--show", type=nonnegative_int, default=10, help="how many top heads to print")
+    score.add_argument("--shard", metavar="I/N", help="run part I (0-based) of N of a long sweep and write it to --out "
+                       "(Ships, generalized Ships, activation / path patching, needle); join with `headscope merge`")
 
     ev = sub.add_parser("eval", help="the task metric, optionally with heads ablated")
     _common(ev, tasks, "eval", chosen)
@@ -134,8 +136,20 @@ def load_model(args):
 def _score(args, task) -> int:
     if not hasattr(task, "score"):
         raise HeadscopeError(f"task {args.task!r} has no head scores; try `headscope eval --task {args.task}`")
+    from headscope import sharding
+
+    args.shard = sharding.Shard.parse(args.shard)
+    if args.shard is not None and not args.out:
+        raise HeadscopeError("--shard I/N writes its part to --out PATH; give one path per shard")
     hm = load_model(args)
     scores = task.score(args, hm)
+    if args.shard is not None:
+        if getattr(scores, "shard", None) is None:
+            raise HeadscopeError(f"{scores.method} does not run sharded; --shard applies to Ships, generalized Ships, "
+                                 "activation / path patching and the needle task")
+        sharding.write_part(scores, args.out)
+        print(f"wrote part {args.shard} of {scores.method} to {args.out}; join all parts with `headscope merge`")
+        return 0
     frame = scores.to_frame()
     details = ", ".join(f"{k}={v}" for k, v in scores.params.items())
     print(f"{hm}\n{scores.method} scores ({details})")

@@ -30,6 +30,7 @@ from headscope.progress import tqdm
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel, head_masks
 from headscope.scores import HeadScores
+from headscope.sharding import Shard, as_part, batches, owned
 from headscope.tasks.circuit_pairs import EncodedPairs
 
 Head = tuple[int, int]
@@ -107,15 +108,17 @@ def _one_head_per_block(chunk: Sequence[Head], rows_per_head: int, g) -> torch.T
 
 
 def activation_patching(hm: HeadModel, groups: Sequence[EncodedPairs], heads: Iterable[Head] | None = None,
-                        heads_per_batch: int = 8, progress: bool = True) -> HeadScores:
-    """Per-head activation patching (corrupt z into the clean run, all positions); batched over heads."""
+                        heads_per_batch: int = 8, progress: bool = True, shard: Shard | None = None) -> HeadScores:
+    """Per-head activation patching (corrupt z into the clean run, all positions); batched over heads.
+    ``shard``: score only that shard's heads (a part for ``headscope merge``)."""
     groups = _check(groups)
     g = hm.geometry
     heads = hm.all_heads() if heads is None else hm.check_heads(heads)
+    keep = owned(shard, heads)
     totals = torch.zeros(g.n_layers, g.n_heads)
     clean_sum = corrupt_sum = 0.0
     n = sum(len(x) for x in groups)
-    chunks = [heads[i : i + heads_per_batch] for i in range(0, len(heads), heads_per_batch)]
+    chunks = batches(heads, heads_per_batch, keep)
     bar = tqdm(total=len(chunks) * len(groups), desc="activation patching", disable=not progress)
     for grp in groups:
         clean, _ = _run(hm, grp.clean, grp.answer, grp.wrong)
@@ -135,10 +138,9 @@ def activation_patching(hm: HeadModel, groups: Sequence[EncodedPairs], heads: It
     bar.close()
     clean, corrupt = clean_sum / n, corrupt_sum / n
     scores = (clean - totals / n) / _effect_denominator(clean, corrupt)
-    mask = head_masks(heads, g.n_layers, g.n_heads)
-    scores[~mask] = float("nan")
-    return HeadScores(scores, method="activation_patching", model=hm.name,
-                      params={"pairs": n, "clean_logit_diff": clean, "corrupt_logit_diff": corrupt})
+    scores[~head_masks(keep, g.n_layers, g.n_heads)] = float("nan")
+    return as_part(HeadScores(scores, method="activation_patching", model=hm.name,
+                              params={"pairs": n, "clean_logit_diff": clean, "corrupt_logit_diff": corrupt}), shard, keep)
 
 
 # ----------------------------------------------------------------------------------- attribution patching
@@ -198,13 +200,14 @@ def attribution_patching(hm: HeadModel, groups: Sequence[EncodedPairs], steps: i
 @torch.no_grad()
 def path_patching(hm: HeadModel, groups: Sequence[EncodedPairs], receivers: Iterable[Head] | None = None,
                   senders: Iterable[Head] | None = None, sign: float = -1.0, heads_per_batch: int = 8,
-                  progress: bool = True) -> HeadScores:
+                  progress: bool = True, shard: Shard | None = None) -> HeadScores:
     """Path patching sender -> receivers (or -> logits), per sender, in percent (docs/METHODS.md).
 
     Pass 1: clean and corrupt z of every head. Pass 2 per sender: clean input, every head frozen to
     its clean z except the sender, whose z at the last position comes from the corrupt run, and the
     receivers, which compute freely and are recorded. Pass 3: clean input with only the receivers'
     z replaced by the recorded values. Without receivers, pass 2's output is the patched metric.
+    ``shard``: score only that shard's senders (a part for ``headscope merge``).
     """
     groups = _check(groups)
     g = hm.geometry
@@ -214,7 +217,8 @@ def path_patching(hm: HeadModel, groups: Sequence[EncodedPairs], receivers: Iter
     totals = torch.zeros(g.n_layers, g.n_heads)
     clean_sum = corrupt_sum = 0.0
     n = sum(len(x) for x in groups)
-    chunks = [senders[i : i + heads_per_batch] for i in range(0, len(senders), heads_per_batch)]
+    keep = owned(shard, senders)
+    chunks = batches(senders, heads_per_batch, keep)
     bar = tqdm(total=len(chunks) * len(groups), desc="path patching", disable=not progress)
     for grp in groups:
         clean, z_clean = _run(hm, grp.clean, grp.answer, grp.wrong, capture=True)
@@ -250,10 +254,10 @@ def path_patching(hm: HeadModel, groups: Sequence[EncodedPairs], receivers: Iter
     bar.close()
     clean, corrupt = clean_sum / n, corrupt_sum / n
     scores = sign * (totals / n - clean) / -_effect_denominator(clean, corrupt) * 100.0
-    scores[~head_masks(senders, g.n_layers, g.n_heads)] = float("nan")
-    return HeadScores(scores, method="path_patching", model=hm.name,
-                      params={"pairs": n, "receivers": [list(r) for r in receivers] or "logits", "sign": sign,
-                              "clean_logit_diff": clean, "corrupt_logit_diff": corrupt})
+    scores[~head_masks(keep, g.n_layers, g.n_heads)] = float("nan")
+    return as_part(HeadScores(scores, method="path_patching", model=hm.name,
+                              params={"pairs": n, "receivers": [list(r) for r in receivers] or "logits", "sign": sign,
+                                      "clean_logit_diff": clean, "corrupt_logit_diff": corrupt}), shard, keep)
 
 
 # ----------------------------------------------------------------------------------- circuits

@@ -33,6 +33,7 @@ from headscope.progress import tqdm
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
+from headscope.sharding import Shard, as_part
 from headscope.tasks.needle import NeedleTrial, is_correct, rouge1_recall
 
 VARIANTS = ("teacher-forced", "decode")
@@ -188,12 +189,14 @@ def retrieval_heads(
     max_new_tokens: int = 50,
     batch_size: int = 8,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> HeadScores:
     """Score every head's retrieval behaviour over needle trials (Wu et al. 2024).
 
     ``span``: "answer" (reference: the answer phrase inside the needle) or "needle" (the whole
     needle sentence). ``decode_steps`` (decode variant): "answer" (default, len(answer) steps) or
     "until-stop" (reference: up to EOS/newline, at most ``max_new_tokens``). See the module notes.
+    ``shard``: run only that shard's block of trial batches (a part for ``headscope merge``).
     """
     if variant not in VARIANTS:
         raise HeadscopeError(f"unknown retrieval variant {variant!r}; choose one of {VARIANTS}")
@@ -213,27 +216,39 @@ def retrieval_heads(
         raise HeadscopeError("the decode variant needs the model's tokenizer (its trial filter compares texts)")
     score_batch = _score_teacher_forced if variant == "teacher-forced" else _score_decode
     pad = _pad_id(hm)
-    total = torch.zeros(hm.geometry.n_layers, hm.geometry.n_heads)
-    per_trial: list[torch.Tensor | None] = [None] * len(trials)
-    counted = 0
-    for idx in tqdm(_batches(trials, batch_size), desc=f"retrieval ({variant})", disable=not progress):
-        results = score_batch(hm, trials, idx, pad, span, decode_steps=decode_steps, max_new_tokens=max_new_tokens)
-        for i, (per_head, ok) in zip(idx, results):
-            if ok:
-                total += per_head
-                counted += 1
-                per_trial[i] = per_head
+    plan = _batches(trials, batch_size)
+    runs = []  # (batch number, trial, [layers, heads] or None where the model answered wrong), in run order
+    for k, idx in enumerate(tqdm(plan, desc=f"retrieval ({variant})", disable=not progress)):
+        if shard is None or shard.owns(k, len(plan)):
+            results = score_batch(hm, trials, idx, pad, span, decode_steps=decode_steps, max_new_tokens=max_new_tokens)
+            runs += [(k, i, per_head if ok else None) for i, (per_head, ok) in zip(idx, results)]
+    params = {"variant": variant, "span": span, "trials": len(trials)}
+    if variant == "decode":
+        params["decode_steps"] = decode_steps
+    if shard is not None:
+        scores = HeadScores(torch.full((hm.geometry.n_layers, hm.geometry.n_heads), float("nan")), "retrieval", hm.name, params)
+        return as_part(scores, shard, runs=runs)
+    return retrieval_result([(i, value) for _, i, value in runs], hm.name, params)
+
+
+def retrieval_result(runs, model: str, params: dict) -> HeadScores:
+    """Mean per-head score over the correctly answered trials, summed in run order (also what
+    ``headscope merge`` calls). ``runs``: (trial index, [layers, heads] or None) in run order."""
+    total, counted = None, 0
+    per_trial: list[torch.Tensor | None] = [None] * params["trials"]
+    for i, per_head in runs:
+        if per_head is not None:
+            total = per_head.clone() if total is None else total + per_head
+            counted += 1
+            per_trial[i] = per_head
     if counted == 0:
         raise HeadscopeError(
-            f"the model answered none of the {len(trials)} needle trials correctly, so retrieval scores are "
+            f"the model answered none of the {params['trials']} needle trials correctly, so retrieval scores are "
             "undefined (failed trials are dropped, as in Wu et al. 2024). Check what it answers with `headscope eval "
             "--task needle` or `headscope generate`; try shorter --lengths, the prompt format it was trained on "
             "(--chat-template on|off, --needles), or a stronger model."
         )
-    params = {"variant": variant, "span": span, "trials": len(trials), "counted_trials": counted}
-    if variant == "decode":
-        params["decode_steps"] = decode_steps
-    scores = HeadScores(total / counted, method="retrieval", model=hm.name, params=params)
+    scores = HeadScores(total / counted, method="retrieval", model=model, params={**params, "counted_trials": counted})
     scores.per_trial = per_trial  # [layers, heads] per trial, None where the trial was dropped
     return scores
 

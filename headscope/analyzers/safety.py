@@ -29,8 +29,9 @@ import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
-from headscope.model import HeadModel
+from headscope.model import HeadModel, head_masks
 from headscope.scores import HeadScores, _write_whole
+from headscope.sharding import Shard, as_part, batches, owned
 from headscope.validate import read_json
 
 Head = tuple[int, int]
@@ -99,16 +100,17 @@ def ships_per_query(
     eps: float = 1e-4,
     ablation: str = "query",
     batch_size: int = 32,
+    keep: set[Head] | None = None,
 ) -> torch.Tensor:
     """Ships of every head for one query (token ids): a [layers, heads] KL tensor (NaN where unscored).
 
     Each head is ablated alone; ``batch_size`` ablated copies of the query share a forward pass.
+    ``keep``: a shard's heads; batches without one are skipped, the others run unchanged.
     """
     heads = hm.all_heads() if heads is None else hm.check_heads(heads)
     p_base = torch.softmax(hm.model(_ids(hm, prompt, 1), logits_to_keep=1).logits[:, -1].double(), -1)
     out = torch.full((hm.geometry.n_layers, hm.geometry.n_heads), float("nan"), dtype=torch.float64)
-    for s in range(0, len(heads), batch_size):
-        chunk = heads[s : s + batch_size]
+    for chunk in batches(heads, batch_size, keep):
         with ablate_rows(hm, [[h] for h in chunk], eps, ablation):
             logits = hm.model(_ids(hm, prompt, len(chunk)), logits_to_keep=1).logits[:, -1].double()
         kl = kl_divergence(p_base, torch.softmax(logits, -1)).cpu()
@@ -148,29 +150,38 @@ def ships(
     batch_size: int = 32,
     progress: bool = True,
     heads: Sequence[Head] | None = None,
+    shard: Shard | None = None,
 ) -> HeadScores:
     """Ships (Zhou et al. 2024): rank heads by how many harmful queries have them in their top-10 KL.
 
     ``prompts``: query strings (formatted with ``template``) or token-id lists. ``eps``: query
     (or output) scale of the ablated head [1e-4; the paper also uses 1e-5]. ``heads``: score only
     these (the others stay NaN, unscored). The result's ``per_query`` attribute holds the KL
-    tensor [N, layers, heads].
+    tensor [N, layers, heads]. ``shard``: score only that shard's heads (a part for
+    ``headscope merge``, which does the ranking).
     """
     if eps < 0:
         raise HeadscopeError(f"eps must be >= 0; got {eps}")
     ids = _encode(hm, prompts, template)
+    keep = owned(shard, hm.all_heads() if heads is None else hm.check_heads(heads))
     per_query = torch.stack(
-        [ships_per_query(hm, p, heads=heads, eps=eps, ablation=ablation, batch_size=batch_size)
+        [ships_per_query(hm, p, heads=heads, eps=eps, ablation=ablation, batch_size=batch_size,
+                         keep=keep if shard else None)
          for p in tqdm(ids, desc="ships", disable=not progress)]
     )
-    score, count, total = rank_by_query_counts(per_query, top_per_query)
-    result = HeadScores(
-        score,
-        method="ships",
-        model=hm.name,
-        params={"eps": eps, "ablation": ablation, "top_per_query": top_per_query, "queries": len(ids),
-                "template": template, "score": "count of queries with the head in their top-k + summed-KL tie-break"},
-    )
+    params = {"eps": eps, "ablation": ablation, "top_per_query": top_per_query, "queries": len(ids),
+              "template": template, "score": "count of queries with the head in their top-k + summed-KL tie-break"}
+    if shard is None:
+        return ships_result(per_query, hm.name, params)
+    per_query[:, ~head_masks(keep, hm.geometry.n_layers, hm.geometry.n_heads)] = float("nan")
+    return as_part(HeadScores(per_query.sum(0), "ships", hm.name, params), shard, keep,  # summed KL, NaN off the shard
+                 per_query=per_query)
+
+
+def ships_result(per_query: torch.Tensor, model: str, params: dict) -> HeadScores:
+    """The Ships ranking from the per-query KL [N, layers, heads] (also what ``headscope merge`` calls)."""
+    score, count, total = rank_by_query_counts(per_query, params["top_per_query"])
+    result = HeadScores(score, method="ships", model=model, params=params)
     result.per_query, result.count, result.summed_kl = per_query, count, total
     return result
 
@@ -228,28 +239,35 @@ def last_hidden_states(
     ablation: str = "query",
     batch_size: int = 64,
     bar=None,
+    keep_sets: set[int] | None = None,
 ) -> torch.Tensor:
     """M [sets, N, d]: the last layer's hidden state at the last token of every query, with each
-    head set ablated (``()`` = none). Queries of one length and several head sets share a batch."""
+    head set ablated (``()`` = none). Queries of one length and several head sets share a batch.
+    ``keep_sets``: a shard's head sets; batches without one are skipped, the others run unchanged."""
     d = hm.geometry.d_model
     out = torch.zeros(len(head_sets), len(ids), d, dtype=torch.float64)
     jobs = [(s, q) for group in _groups(ids) for s in range(len(head_sets)) for q in group]
     # jobs are ordered by length group, so cut batches only where the length stays the same
-    start = 0  # ``bar`` counts head sets: one is done per len(ids) rows
+    start = 0
     while start < len(jobs):
         length = len(ids[jobs[start][1]])
         stop = start
         while stop < len(jobs) and stop - start < batch_size and len(ids[jobs[stop][1]]) == length:
             stop += 1
         chunk = jobs[start:stop]
+        sets_done = stop // len(ids) - start // len(ids)  # ``bar`` counts head sets: one per len(ids) rows
+        start = stop
+        if keep_sets is not None and keep_sets.isdisjoint(s for s, _ in chunk):
+            if bar is not None:
+                bar.update(sets_done)
+            continue
         batch = torch.tensor([ids[q] for _, q in chunk], device=hm.device)
         with ablate_rows(hm, [head_sets[s] for s, _ in chunk], eps, ablation):
             hidden = hm.model(batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -1]
         for (s, q), h in zip(chunk, hidden.double().cpu()):
             out[s, q] = h
         if bar is not None:
-            bar.update(stop // len(ids) - start // len(ids))
-        start = stop
+            bar.update(sets_done)
     return out
 
 
@@ -263,18 +281,24 @@ def generalized_ships(
     template: str = "reference",
     batch_size: int = 64,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> HeadScores:
-    """Dataset-level Ships of every head ablated alone (Zhou et al. 2024), in degrees."""
+    """Dataset-level Ships of every head ablated alone (Zhou et al. 2024), in degrees.
+    ``shard``: score only that shard's heads (a part for ``headscope merge``)."""
     ids = _encode(hm, prompts, template)
     heads = hm.all_heads() if heads is None else hm.check_heads(heads)
+    keep = owned(shard, heads)
     base = last_hidden_states(hm, ids, [()], eps, ablation, batch_size)[0]
     with tqdm(total=len(heads), desc="generalized ships", unit="head", disable=not progress) as bar:
-        mats = last_hidden_states(hm, ids, [[h] for h in heads], eps, ablation, batch_size, bar)
+        mats = last_hidden_states(hm, ids, [[h] for h in heads], eps, ablation, batch_size, bar,
+                                  keep_sets={i for i, h in enumerate(heads) if h in keep} if shard else None)
     scores = torch.full((hm.geometry.n_layers, hm.geometry.n_heads), float("nan"))
     for (layer, head), m in zip(heads, mats):
-        scores[layer, head] = subspace_shift(base, m, r)
-    return HeadScores(scores, "generalized-ships", hm.name,
-                      {"r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "template": template})
+        if (layer, head) in keep:
+            scores[layer, head] = subspace_shift(base, m, r)
+    return as_part(HeadScores(scores, "generalized-ships", hm.name,
+                            {"r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "template": template}),
+                 shard, keep)
 
 
 # ------------------------------------------------------------------------------ Sahara

@@ -27,4 +27,5 @@ COMMAND_MODULES: list[str] = [
     "headscope.commands.overlap",
     "headscope.commands.generate",
     "headscope.commands.inject",
+    "headscope.commands.merge",
 ]

@@ -58,9 +58,11 @@ def score(args, hm):
 
     raw, generated = pairs(args)
     groups = encode_pairs(hm.tokenizer, raw, drop_mismatched=generated)
+    shard = getattr(args, "shard", None)
     if args.method == "activation":
-        return circuits.activation_patching(hm, groups, heads_per_batch=args.batch_size, progress=not args.quiet)
+        return circuits.activation_patching(hm, groups, heads_per_batch=args.batch_size, progress=not args.quiet,
+                                            shard=shard)
     if args.method == "attribution":
         return circuits.attribution_patching(hm, groups, steps=args.ig_steps)
-    return circuits.path_patching(hm, groups, receivers=parse_heads(args.receivers) if args.receivers else None, heads_per_batch=args.batch_size,
-                                  progress=not args.quiet)
+    return circuits.path_patching(hm, groups, receivers=parse_heads(args.receivers) if args.receivers else None,
+                                  heads_per_batch=args.batch_size, progress=not args.quiet, shard=shard)

@@ -79,7 +79,7 @@ def score(args, hm):
     from headscope.analyzers.retrieval import retrieval_heads
 
     grid = trials(args, hm)
-    return retrieval_heads(hm, grid, **retrieval_options(args))
+    return retrieval_heads(hm, grid, **retrieval_options(args), shard=getattr(args, "shard", None))
 
 
 def evaluate(args, hm) -> dict[str, float]:

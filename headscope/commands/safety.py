@@ -89,10 +89,11 @@ def score(args, hm):
     heads = hm.check_heads(_heads(args)) if args.heads else None
     common = dict(eps=args.eps, ablation=args.ships_ablation, template=args.template,
                   batch_size=args.batch_size, progress=not args.quiet)
+    shard = getattr(args, "shard", None)
     if args.method == "ships":
-        return safety.ships(hm, qs, top_per_query=args.top_per_query, heads=heads, **common)
+        return safety.ships(hm, qs, top_per_query=args.top_per_query, heads=heads, shard=shard, **common)
     if args.method == "generalized-ships":
-        return safety.generalized_ships(hm, qs, heads=heads, r=args.rank, **common)
+        return safety.generalized_ships(hm, qs, heads=heads, r=args.rank, shard=shard, **common)
     return safety.sahara(hm, qs, max_heads=args.max_heads, min_score=args.min_score, r=args.rank,
                          candidates=heads, state=args.state, **common)
 
