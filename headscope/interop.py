@@ -1,15 +1,19 @@
 """Run headscope edits through nnsight 0.8 or a TransformerLens 4.x TransformerBridge.
 
 Edits of kind zero / mean / scale / patch only touch a head's output z (the input of o_proj), so
-they need no custom attention function and can be written as plain nnsight traces (which can run
-where nnsight runs remotely) or as TransformerLens hooks on ``blocks.L.attn.hook_z`` (in
-TransformerLens 4.3 an alias of ``blocks.L.attn.o.hook_in``, shape [B, S, H, d_head]).
-Query edits (query_scale, uniform) need headscope's attention hook: use
-:func:`headscope.interventions.intervene`.
+they need no custom attention function and can be written as plain nnsight traces or as
+TransformerLens hooks on ``blocks.L.attn.hook_z`` (in TransformerLens 4.3 an alias of
+``blocks.L.attn.o.hook_in``, shape [B, S, H, d_head]). Query edits (query_scale, uniform) need
+headscope's attention hook: use :func:`headscope.interventions.intervene`.
+
+On NDIF (``remote=True``) the server has no headscope: build a plan of plain data before the trace
+and run it with :mod:`headscope.remote`, whose code needs only torch and nnsight (it ships by value).
+Ships' KL per head runs the same way (query or output ablation, :func:`ships_plan`).
 
     lm = nnsight_model(hm)                                  # wraps the same HF model
-    with lm.trace(ids):
-        apply_edits_nnsight(lm, edits)
+    plan = nnsight_plan(lm, edits, ids.shape, sources=nnsight_sources(lm, edits))
+    with lm.trace(ids, remote=True):                        # or remote="local" to simulate
+        remote.apply_plan(lm, plan)
         logits = lm.output.logits.save()
 
     bridge = bridge_from_hf(copy.deepcopy(hm.model))        # the bridge rewires the model in place
@@ -26,9 +30,9 @@ from typing import Sequence
 
 import torch
 
-from headscope import hooks
+from headscope import hooks, remote
 from headscope.errors import HeadscopeError
-from headscope.interventions.edits import Z_KINDS, Edit, _Positions, apply_z_edit
+from headscope.interventions.edits import Z_KINDS, Edit, _patch_values, _Positions, apply_z_edit, edit_weights
 
 
 def _z_edits(edits: Edit | Sequence[Edit]) -> list[Edit]:
@@ -71,13 +75,6 @@ def _hf(lm) -> torch.nn.Module:
     return model if model is not None else lm._model
 
 
-def _envoy(lm, dotted: str):
-    node = lm
-    for part in dotted.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
 def _geometry(model):
     from headscope.model import HeadModel
 
@@ -99,18 +96,19 @@ def nnsight_sources(lm, edits: Sequence[Edit]) -> dict[int, dict[int, torch.Tens
         saved: dict[int, torch.Tensor] = {}  # filled inside the trace (a function's new locals are not written back)
         with torch.no_grad(), lm.trace(ids):
             for l in layers:
-                saved[l] = _envoy(lm, paths[l]).input.save()
+                saved[l] = remote.module(lm, paths[l]).input.save()
         zs = {l: torch.as_tensor(v).reshape(*ids.shape, g.n_heads, g.head_dim) for l, v in saved.items()}
         out[i] = {l: z.mean((0, 1)) if e.kind == "mean" else z for l, z in zs.items()}
     return out
 
 
-def apply_edits_nnsight(lm, edits: Sequence[Edit], *, sources=None, prompt_length: int | None = None,
-                        attention_mask=None) -> None:
-    """Inside ``with lm.trace(ids):``, apply ``edits`` to the heads' z (o_proj inputs), layer by layer.
+def nnsight_plan(lm, edits: Sequence[Edit], shape, *, sources=None, prompt_length: int | None = None,
+                 attention_mask=None) -> list[dict]:
+    """The z-edits for an input of ``shape`` (batch, tokens) as a plan of plain data (module paths,
+    ints, tensors) that :func:`headscope.remote.apply_plan` applies inside a trace with torch and
+    nnsight alone, i.e. also on an NDIF server.
 
-    ``sources``: from :func:`nnsight_sources` (computed here, before the trace, when not given;
-    call it yourself when running remotely).
+    ``sources``: from :func:`nnsight_sources` (needed for mean / patch edits).
     """
     edits = _z_edits(edits)
     model = _hf(lm)
@@ -119,15 +117,68 @@ def apply_edits_nnsight(lm, edits: Sequence[Edit], *, sources=None, prompt_lengt
     if sources is None and any(e.kind in ("mean", "patch") for e in edits):
         raise HeadscopeError("mean / patch edits need sources=nnsight_sources(lm, edits), computed before the trace")
     sources = sources or {}
+    batch, n = int(shape[0]), int(shape[1])
+    plan = []
     for layer in sorted({l for e in edits for l, _ in e.heads}):  # nnsight: modules in execution order
-        o_proj = _envoy(lm, paths[layer])
-        x = o_proj.input
-        z = x.reshape(*x.shape[:-1], g.n_heads, g.head_dim)
+        steps = []
         for i, e in enumerate(edits):
-            if any(l == layer for l, _ in e.heads):
-                keep = _rows(z.shape[1], z.shape[0], e, prompt_length, attention_mask, z.device)
-                z = apply_z_edit(e, layer, z, keep, range(z.shape[1]), sources.get(i, {}).get(layer))
-        o_proj.input = z.reshape(x.shape)
+            keep = _rows(n, batch, e, prompt_length, attention_mask, "cpu")
+            weights = edit_weights(e, layer, keep, g.n_heads)
+            if weights is None:
+                continue
+            source = sources.get(i, {}).get(layer)
+            if e.kind == "patch":
+                dummy = torch.zeros(batch, n, g.n_heads, g.head_dim, dtype=source.dtype)
+                source = _patch_values(source, range(n), dummy, keep)
+            if e.kind == "inject":
+                source = e.source[layer]
+            steps.append({"kind": e.kind, "weight": weights[0].detach(), "hit": weights[1], "source": source})
+        plan.append({"path": paths[layer], "n_heads": g.n_heads, "head_dim": g.head_dim, "edits": steps})
+    _ship_by_value()
+    return plan
+
+
+def apply_edits_nnsight(lm, edits: Sequence[Edit], shape, *, sources=None, prompt_length: int | None = None,
+                        attention_mask=None) -> None:
+    """Inside ``with lm.trace(ids):``, apply ``edits`` to the heads' z (o_proj inputs) of an input of
+    ``shape`` (``ids.shape``). For NDIF build the plan before the trace (:func:`nnsight_plan`) and
+    call :func:`headscope.remote.apply_plan` inside it."""
+    remote.apply_plan(lm, nnsight_plan(lm, edits, shape, sources=sources, prompt_length=prompt_length,
+                                       attention_mask=attention_mask))
+
+
+def ships_plan(lm, heads: Sequence[tuple[int, int]], eps: float = 1e-4, ablation: str = "query") -> dict:
+    """A Ships plan for :func:`headscope.remote.ships_kl`: run the query as ``len(heads) + 1`` copies
+    (``ids.expand(len(heads) + 1, -1)``); copy 0 is the model as it is, copy r scales head
+    ``heads[r - 1]``'s queries (``query``, the paper's ablation; scaling q_proj's output equals scaling q
+    after RoPE, which is linear) or its output z (``output``) by ``eps``."""
+    model = _hf(lm)
+    g = _geometry(model)
+    if ablation not in ("query", "output"):
+        raise HeadscopeError(f"unknown Ships ablation {ablation!r}; choose 'query' or 'output'")
+    _, layers = hooks.find_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    scale = torch.ones(len(heads) + 1, g.n_layers, g.n_heads)
+    for r, (layer, head) in enumerate(heads, start=1):
+        scale[r, layer, head] = eps
+    steps = []
+    for layer in sorted({l for l, _ in heads}):
+        target = layers[layer].out_proj
+        if ablation == "query":
+            target = getattr(layers[layer].attention, "q_proj", None)
+            if target is None:
+                raise HeadscopeError(f"{type(model).__name__} has no separate q_proj to scale in a trace; "
+                                     "use ablation='output'")
+        steps.append({"path": names[id(target)], "scale": scale[:, layer]})
+    _ship_by_value()
+    return {"layers": steps, "ablation": ablation, "head_dim": g.head_dim}
+
+
+def _ship_by_value() -> None:
+    """Ship headscope.remote's source with nnsight requests (an NDIF server has no headscope)."""
+    import nnsight
+
+    nnsight.register(remote)
 
 
 # ------------------------------------------------------------------------------------- TransformerLens

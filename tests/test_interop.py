@@ -50,7 +50,7 @@ def test_nnsight_trace_matches_headscope(models, case):
     edits = CASES[case]
     sources = nnsight_sources(lm, edits)
     with torch.no_grad(), lm.trace(IDS):
-        apply_edits_nnsight(lm, edits, sources=sources)
+        apply_edits_nnsight(lm, edits, IDS.shape, sources=sources)
         logits = lm.output.logits.save()
     ref = _headscope(hm, edits)
     assert (torch.as_tensor(logits) - ref).abs().max() < 1e-5
@@ -62,7 +62,7 @@ def test_nnsight_rejects_query_edits(models):
     _, lm = models
     with pytest.raises(HeadscopeError, match="attention hook"):
         with lm.trace(IDS):
-            apply_edits_nnsight(lm, [Edit("uniform", [(0, 0)])])
+            apply_edits_nnsight(lm, [Edit("uniform", [(0, 0)])], IDS.shape)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,13 @@ from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel, head_masks
+from headscope.remote import kl_divergence
 from headscope.scores import HeadScores, _write_whole
 from headscope.sharding import Shard, as_part, batches, owned
 from headscope.validate import read_json
 
 Head = tuple[int, int]
 ABLATIONS = ("query", "output")
-LOG_EPS = 1e-12  # added inside the logs, as the reference code
 
 
 # ------------------------------------------------------------------------------ ablation per batch row
@@ -86,12 +86,6 @@ def _ids(hm: HeadModel, prompt: Sequence[int], copies: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ Ships
-def kl_divergence(p_base: torch.Tensor, p_ablated: torch.Tensor) -> torch.Tensor:
-    """KL(p_base || p_ablated) over the last axis, 1e-12 added inside the logs (reference code)."""
-    p, q = p_base.double(), p_ablated.double()
-    return (p * (torch.log(p + LOG_EPS) - torch.log(q + LOG_EPS))).sum(-1)
-
-
 @torch.no_grad()
 def ships_per_query(
     hm: HeadModel,

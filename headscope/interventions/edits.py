@@ -55,6 +55,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from headscope import remote
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads
 from headscope.validate import check_finite, read_json, write_whole
@@ -412,21 +413,24 @@ def apply_z_edit(edit: Edit, layer: int, z: torch.Tensor, keep: torch.Tensor, po
     ``source``: the mean [H, d] (mean edit) or the source run's z [B|1, S_src, H, d] (patch edit).
     Shared by headscope's hooks and the nnsight / TransformerLens paths (headscope.interop).
     """
-    s = _head_weights(edit, layer, z.shape[2], z.device, z.dtype)
-    if s is None:
+    weights = edit_weights(edit, layer, keep, z.shape[2], z.dtype)
+    if weights is None:
         return z
-    keep = keep.to(z.dtype).view(z.shape[0] if keep.shape[0] != 1 else 1, z.shape[1], 1, 1)
-    w = keep * s.view(1, 1, -1, 1)  # [B, S, H, 1]: strength where edited, else 0
-    if edit.kind == "zero":
-        return z - w * z
-    if edit.kind == "scale":
-        hit = _head_hits(edit, layer, z.shape[2], z.device, z.dtype).view(1, 1, -1, 1) * keep
-        return z + hit * (w - 1) * z
+    if edit.kind == "patch":
+        source = _patch_values(source, positions, z, keep.view(keep.shape[0], -1))
     if edit.kind == "inject" and source is None:  # nnsight / TransformerLens paths
         source = edit.source[layer]
-    if edit.kind in ("mean", "inject"):
-        return z + w * (source.to(z) - z)
-    return z + w * (_patch_values(source, positions, z, keep.view(keep.shape[0], -1)) - z)
+    return remote.z_edit(edit.kind, z, *weights, source)
+
+
+def edit_weights(edit: Edit, layer: int, keep: torch.Tensor, n_heads: int, dtype=torch.float32):
+    """(weight, hit), each [B|1, S, H, 1]: the edit's strength / 1 on the rows ``keep`` [B|1, S]
+    selects and the heads it edits in ``layer``, else 0; None where it edits no head there."""
+    s = _head_weights(edit, layer, n_heads, keep.device, dtype)
+    if s is None:
+        return None
+    keep = keep.to(dtype).view(*keep.shape, 1, 1)
+    return keep * s.view(1, 1, -1, 1), keep * _head_hits(edit, layer, n_heads, keep.device, dtype).view(1, 1, -1, 1)
 
 
 def _patch_values(source: torch.Tensor, positions: range, z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
