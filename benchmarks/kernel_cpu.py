@@ -2,37 +2,22 @@
 
 Causal, Llama-like GQA shape scaled to fit a small box (default H=8, Hkv=2, d=64,
 fp32). SDPA gets K/V already repeated to H heads (built outside the timing); ours
-uses GQA by index. Each figure is the best of --repeats interleaved runs. Prints
-one line per size and writes the figures to benchmarks/kernel_cpu.json, with the
-machine's 1-minute load average before and after (the box is shared; ratios from
-interleaved runs are the meaningful figure).
+uses GQA by index. Methods alternate, --repeats (>= 3) runs each; best and median per
+method and the machine's 1-minute load average before and after (benchmarks/timing.py).
+Prints one line per size and writes the figures to benchmarks/kernel_cpu.json.
 
     python benchmarks/kernel_cpu.py [--sizes 8192 16384] [--repeats 3] [--stats]
 """
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from headscope_kernels import attention_with_stats
-
-
-def best_times(fns, repeats):
-    """Min wall time of each function, runs interleaved so they share the machine's load."""
-    for fn in fns:
-        fn()  # warm-up
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+from timing import alternate, ratio
 
 
 def main():
@@ -60,24 +45,19 @@ def main():
         v = torch.randn(1, Hkv, N, d, generator=g)
         k_rep, v_rep = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         scale = d ** -0.5
-        fns = [
-            lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale),
-            lambda: attention_with_stats(q, k, v, scale, causal=True, backend="torch",
-                                         block_q=args.block_q, block_k=args.block_k),
-        ]
+        fns = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale),
+            "ours_out": lambda: attention_with_stats(q, k, v, scale, causal=True, backend="torch",
+                                                     block_q=args.block_q, block_k=args.block_k),
+        }
         if args.stats:
-            fns.append(lambda: attention_with_stats(
+            fns["ours_stats"] = lambda: attention_with_stats(
                 q, k, v, scale, causal=True, backend="torch", outputs=("out", "lse", "top1", "entropy"),
-                block_q=args.block_q, block_k=args.block_k))
-        load_before = os.getloadavg()[0]
+                block_q=args.block_q, block_k=args.block_k)
         with torch.inference_mode():
-            times = best_times(fns, args.repeats)
-        row = dict(N=N, H=H, Hkv=Hkv, d=d, dtype="float32", threads=torch.get_num_threads(),
-                   sdpa_s=round(times[0], 4), ours_out_s=round(times[1], 4),
-                   ratio_out=round(times[1] / times[0], 3),
-                   load_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
-        if args.stats:
-            row.update(ours_stats_s=round(times[2], 4), ratio_stats=round(times[2] / times[0], 3))
+            timed = alternate(fns, args.repeats)
+        row = dict(N=N, H=H, Hkv=Hkv, d=d, dtype="float32", threads=torch.get_num_threads(), **timed,
+                   ratios={name: ratio(timed, name, "sdpa") for name in fns if name != "sdpa"})
         print(json.dumps(row), flush=True)
         rows.append(row)
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

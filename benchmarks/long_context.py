@@ -7,12 +7,15 @@ Methods, on one random-init Llama-shaped model (GQA):
   tl         TransformerLens 4 TransformerBridge.run_with_cache for blocks.*.attn.hook_pattern
   headscope  headscope statistics pass (top-1 key, group mass, entropy for every head and row)
   sdpa       plain SDPA forward: the floor
-Each (method, length) runs in its own subprocess so its peak RSS is its own. A method whose
+Each run of a (method, length) is its own subprocess, so its peak RSS is its own; the methods
+alternate (A B C D A B C D ...), --repeats (>= 3) runs each, and every figure is reported as best
+and median with the 1-minute load average before and after (benchmarks/timing.py). A method whose
 estimated memory exceeds what the machine has free is recorded as such, not run.
 
 Also (--needle-length, default 8192): needle scoring of one trial, headscope teacher-forced (one
 pass) vs the decode approach as done with transformers (generate with eager attention and
-output_attentions, hits read from the returned patterns), and headscope's own decode variant.
+output_attentions, hits read from the returned patterns), and headscope's own decode variant,
+alternated the same way within one process.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timing import alternate, ratio
 
 MODEL = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1024, vocab_size=2000, max_position_embeddings=65536)
@@ -107,7 +112,7 @@ def _child(method: str, n: int, folder: str) -> dict:
     return {"time_s": round(elapsed, 3), "peak_mb": round(peak, 1), "setup_mb": round(before, 1)}
 
 
-def _needle_child(n: int, folder: str) -> dict:
+def _needle_child(n: int, folder: str, repeats: int) -> dict:
     import torch
 
     from headscope.analyzers.retrieval import _hits, _score_decode, _score_teacher_forced
@@ -119,35 +124,36 @@ def _needle_child(n: int, folder: str) -> dict:
     task = NeedleTask(hm.tokenizer, lengths=[256, n], depths=[50], use_chat_template=False)
     warm, trial = task.trials()[0], task.trials()[-1]
     out = {"length": n, "answer_tokens": len(trial.answer_ids)}
-    with torch.no_grad():
-        _score_teacher_forced(hm, [warm], [0], 0)  # warm-up: first-call overheads
-        _score_decode(hm, [warm], [0], 0)
-        start = time.perf_counter()
-        _score_teacher_forced(hm, [trial], [0], 0)
-        out["headscope_teacher_forced_s"] = round(time.perf_counter() - start, 3)
-        start = time.perf_counter()
-        _score_decode(hm, [trial], [0], 0)
-        out["headscope_decode_s"] = round(time.perf_counter() - start, 3)
-        need = estimated_bytes("eager", n)
-        if need > 0.8 * _available_bytes():
-            out["transformers_decode_output_attentions_s"] = f"exceeds memory (~{need / 2**30:.0f} GB)"
-            out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-            return out
-        # the decode approach as done with transformers: eager attention, output_attentions
+    ids = torch.tensor([trial.prompt_ids])
+
+    def transformers_decode():  # the decode approach as done with transformers: eager attention, output_attentions
         hm.model.set_attn_implementation("eager")
-        ids = torch.tensor([trial.prompt_ids])
-        start = time.perf_counter()
-        gen = hm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(trial.answer_ids),
-                                do_sample=False, output_attentions=True, return_dict_in_generate=True,
-                                pad_token_id=0)
+        try:
+            gen = hm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(trial.answer_ids),
+                                    do_sample=False, output_attentions=True, return_dict_in_generate=True,
+                                    pad_token_id=0)
+        finally:
+            hm.model.set_attn_implementation("sdpa")
         seq = gen.sequences
         for step, attentions in enumerate(gen.attentions):  # per step: per layer [1, H, q, k]
             top1 = torch.stack([a[:, :, -1:] for a in attentions]).argmax(-1)
             target = seq[:, ids.shape[1] + step : ids.shape[1] + step + 1]
             _hits(top1, seq, [trial.needle_span], target)
-        out["transformers_decode_output_attentions_s"] = round(time.perf_counter() - start, 3)
-    out["speedup_vs_transformers_decode"] = round(
-        out["transformers_decode_output_attentions_s"] / out["headscope_teacher_forced_s"], 1)
+
+    fns = {"headscope_teacher_forced": lambda: _score_teacher_forced(hm, [trial], [0], 0),
+           "headscope_decode": lambda: _score_decode(hm, [trial], [0], 0)}
+    need = estimated_bytes("eager", n)
+    if need > 0.8 * _available_bytes():
+        out["transformers_decode_output_attentions"] = f"exceeds memory (~{need / 2**30:.0f} GB)"
+    else:
+        fns["transformers_decode_output_attentions"] = transformers_decode
+    with torch.no_grad():
+        _score_teacher_forced(hm, [warm], [0], 0)  # warm-up on a short trial: first-call overheads
+        _score_decode(hm, [warm], [0], 0)
+        out.update(alternate(fns, repeats, warmup=False))
+    if "transformers_decode_output_attentions" in fns:
+        out["transformers_over_teacher_forced"] = ratio(out, "transformers_decode_output_attentions",
+                                                        "headscope_teacher_forced")
     out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
@@ -157,12 +163,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--needle-length", type=int, default=8192, help="0 skips the needle comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method (>= 3), alternated")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "N", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         method, n, folder = args.child
-        result = _needle_child(int(n), folder) if method == "needle" else _child(method, int(n), folder)
+        result = _needle_child(int(n), folder, args.repeats) if method == "needle" else _child(method, int(n), folder)
         print(json.dumps(result))
         return
 
@@ -172,23 +179,37 @@ def main() -> None:
         build_model(folder)
 
         def child(method: str, n: int) -> dict:
-            run = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(folder)],
-                                 capture_output=True, text=True,
+            run = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(folder),
+                                  "--repeats", str(args.repeats)], capture_output=True, text=True,
                                  env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
             if run.returncode != 0:
-                return {"status": "failed", "error": run.stderr.strip().splitlines()[-1:]}
-            return {"status": "ok", **json.loads(run.stdout.strip().splitlines()[-1])}
+                raise RuntimeError(f"{method} at {n} tokens failed: {run.stderr.strip().splitlines()[-1:]}")
+            return json.loads(run.stdout.strip().splitlines()[-1])
 
         for n in [int(x) for x in args.lengths.split(",") if x.strip()]:
+            row = {"length": n, "skipped": {}}
+            peaks: dict[str, list[float]] = {}
+
+            def runner(method: str):
+                def run() -> float:
+                    out = child(method, n)
+                    peaks.setdefault(method, []).append(out["peak_mb"])
+                    return out["time_s"]
+                return run
+
+            fns = {}
             for method in args.methods.split(","):
                 need = estimated_bytes(method, n)
                 if need > 0.8 * _available_bytes():
-                    row = {"status": "exceeds memory", "estimated_gb": round(need / 2**30, 1)}
+                    row["skipped"][method] = f"exceeds memory (~{need / 2**30:.1f} GB)"
                 else:
-                    row = child(method, n)
-                row = {"length": n, "method": method, **row}
-                results.append(row)
-                print(json.dumps(row), flush=True)
+                    fns[method] = runner(method)
+            row.update(alternate(fns, args.repeats, warmup=False))  # each child warms up itself
+            row["peak_mb"] = {m: max(p) for m, p in peaks.items()}
+            if "headscope" in fns and "sdpa" in fns:
+                row["headscope_over_sdpa"] = ratio(row, "headscope", "sdpa")
+            results.append(row)
+            print(json.dumps(row), flush=True)
         needle = child("needle", args.needle_length) if args.needle_length else None
         if needle:
             print(json.dumps(needle), flush=True)
