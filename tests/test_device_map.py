@@ -67,6 +67,8 @@ def test_probes_match(pair, ids):
     lambda: Edit("patch", [(3, 4)], source=list(range(10, 34))),
     lambda: Edit("uniform", [(1, 0), (3, 7)], scope="decode"),
     lambda: Edit("query_scale", [(3, 1)], strength=1e-4),
+    lambda: Edit("inject", [(1, 2), (3, 5)], strength=[0.7, 0.4], positions="last", scope="prefill",
+                 source=torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(2))),
 ])
 def test_edits_match(pair, ids, make):
     logits = []
@@ -96,6 +98,42 @@ def test_analyzers_match(pair):
         ])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+VISION_SPLIT = {"model.vision_tower": "cpu", "model.multi_modal_projector": "disk",
+                "model.language_model.embed_tokens": "cpu", "model.language_model.rotary_emb": "cpu",
+                "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "disk",
+                "model.language_model.layers.2": "cpu", "model.language_model.layers.3": "disk",
+                "model.language_model.norm": "cpu", "lm_head": "cpu"}
+
+
+def test_vision_model_split(tmp_path):
+    """The vision organism with its projector and language layers 1 and 3 on disk: VHD scores, a VHR
+    (scale) and a VAR edit give what the undispatched model gives (batch 2, left-padded)."""
+    from headscope import vision
+    from headscope.analyzers.vision import vision_aware_heads
+    from headscope.zoo import organism_path
+
+    folder = organism_path("vision")
+    pairs = vision.read_pairs(folder / "prompts.jsonl", folder / "images")[:2]
+    images = [vision.load_image(path) for path, _ in pairs]
+    prompts = [pairs[0][1], pairs[1][1] + " is there a red square ?"]
+    edits = [Edit("scale", [(1, 3), (2, 5)], strength=2.0),
+             Edit("var", [], strength=0.6, options={"dims": [0, 5, 9], "tau": 1.6, "rho": 0.4, "first_layer": 1})]
+    results = []
+    for hm in (HeadModel.load("vision"), HeadModel.load("vision", device_map=VISION_SPLIT, offload_folder=str(tmp_path))):
+        batch = vision.encode(hm, images, prompts)
+        kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                      pad_token_id=vision.pad_id(hm))
+        with torch.no_grad():
+            base = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+            with intervene(hm, edits):
+                edited = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+        results.append((vision_aware_heads(hm, images, prompts).scores, base, edited))
+    assert (batch["attention_mask"] == 0).any(), "the batch must be left-padded"
+    assert (results[0][2] - results[0][1]).abs().max() > 1e-3, "the edits must change the logits"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_cli_device_map(tmp_path, capsys):
