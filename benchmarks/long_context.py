@@ -140,16 +140,16 @@ def _needle_child(n: int, folder: str, repeats: int) -> dict:
             target = seq[:, ids.shape[1] + step : ids.shape[1] + step + 1]
             _hits(top1, seq, [trial.needle_span], target)
 
-    fns = {"headscope_teacher_forced": lambda: _score_teacher_forced(hm, [trial], [0], 0),
-           "headscope_decode": lambda: _score_decode(hm, [trial], [0], 0)}
+    fns = {"headscope_teacher_forced": lambda: _score_teacher_forced(hm, [trial], [0], 0, "needle"),
+           "headscope_decode": lambda: _score_decode(hm, [trial], [0], 0, "needle")}
     need = estimated_bytes("eager", n)
     if need > 0.8 * _available_bytes():
         out["transformers_decode_output_attentions"] = f"exceeds memory (~{need / 2**30:.0f} GB)"
     else:
         fns["transformers_decode_output_attentions"] = transformers_decode
     with torch.no_grad():
-        _score_teacher_forced(hm, [warm], [0], 0)  # warm-up on a short trial: first-call overheads
-        _score_decode(hm, [warm], [0], 0)
+        _score_teacher_forced(hm, [warm], [0], 0, "needle")  # warm-up on a short trial: first-call overheads
+        _score_decode(hm, [warm], [0], 0, "needle")
         out.update(alternate(fns, repeats, warmup=False))
     if "transformers_decode_output_attentions" in fns:
         out["transformers_over_teacher_forced"] = ratio(out, "transformers_decode_output_attentions",
