@@ -37,8 +37,9 @@ Rows with no allowed key give out 0, lse -inf, masses 0, top1 index -1 and
 weight 0, entropy 0; never NaN. Neither function is differentiable.
 
 Backends: ``reference`` (PyTorch, any device; on CPU tiles are spread over
-Python worker threads) and ``triton_attention`` (CUDA, or CPU under
-TRITON_INTERPRET=1). Triton has no general attn_mask: "auto" then uses torch,
+Python worker threads, and each tile's softmax step is one compiled pass from
+``cpu_tile`` when a C++ compiler is there, else eager torch ops) and
+``triton_attention`` (CUDA, or CPU under TRITON_INTERPRET=1). Triton has no general attn_mask: "auto" then uses torch,
 and an explicit backend="triton" raises ValueError.
 """
 

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import cpu_tile
+
 # Masked scores are set to MASKED, a finite value, so a tile row whose keys are all
 # masked still has a finite softmax (uniform) instead of NaN; it then gets weight 0
 # because its max is below NEG. Running maxima start at NEG, so exp(m_old - m_new)
@@ -219,6 +221,45 @@ def match_tile(p, key_ids, query_ids, qs, qe, ks, ke):
     return torch.stack(parts, -1).view(B, Hkv, rows, len(parts))
 
 
+def softmax_step_eager(s, p_out, m, l, ent, best_i, ks):
+    """One online-softmax step over the score tile ``s`` [B, Hkv, rows, m] (log2 units, masked), in
+    torch ops: p = 2^(s - tile max) into ``p_out`` (``s`` itself unless the entropy is wanted), and
+    the running max ``m``, sum ``l``, entropy term ``ent`` (sum p (s - m), or None) and top-1 index
+    ``best_i`` (or None) updated in place. Returns (p, alpha, w): alpha rescales the running
+    accumulators, w weighs this tile's contributions. ``cpu_tile`` compiles the same step.
+    """
+    dev = s.device
+    width = s.shape[-1]
+    # on CPU the chunk maxima give the row max and locate the top-1 key in one pass
+    cmax = chunk_max(s) if best_i is not None and dev.type == "cpu" and width % TOP1_CHUNK == 0 else None
+    bmax = s.amax(dim=-1) if cmax is None else cmax.amax(-1).view(m.shape)
+    # strict > keeps the earliest key on ties, like argmax within a tile
+    if best_i is not None and dev.type == "cpu":
+        # index search only on the rows whose running max this tile beats
+        beat = (bmax > m).view(-1).nonzero().squeeze(1)
+        if beat.numel():
+            best_i.view(-1)[beat] = first_argmax(s, beat, cmax) + ks
+    elif best_i is not None:  # on accelerators stay sync-free (nonzero would sync)
+        best_i.copy_(torch.where(bmax > m, s.argmax(-1) + ks, best_i))
+    # p = 2^(s - bmax): 1 at the tile's max, 0 on masked keys (three passes over the tile, no
+    # normalisation: the running sums carry it). Rows with no allowed key shift by 0 instead,
+    # so their p is 2^MASKED = 0 too.
+    allowed = bmax > NEG
+    s.sub_(torch.where(allowed, bmax, 0.0).unsqueeze(-1))
+    p = torch.exp2(s, out=p_out) if p_out is not s else s.exp2_()
+    l_tile = p.sum(-1)
+    m_new = torch.maximum(m, bmax)
+    alpha = torch.exp2(m - m_new)
+    # the tile's weight relative to m_new; 0 on rows with no allowed key
+    w = torch.where(allowed, torch.exp2(bmax - m_new), 0.0)
+    if ent is not None:
+        h_tile = s.mul_(p).sum(-1)  # sum p (s - bmax), in place (vecdot builds a tile-sized temporary)
+        ent.copy_(alpha * (ent + (m - m_new) * l) + w * (h_tile + l_tile * (bmax - m_new)))
+    l.copy_(l * alpha + w * l_tile)
+    m.copy_(m_new)
+    return p, alpha, w
+
+
 def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=True, want_lse=False,
             want_groups=False, want_top1=False, want_entropy=False, want_match=False, reweight=None,
             head_scale=None, block_q=None, block_k=None):
@@ -237,6 +278,7 @@ def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=Tru
     bq, bk = default_blocks(B, H, Nq, block_q, block_k)
     f32, dev = torch.float32, q.device
     ng = onehot.shape[-1] if onehot is not None else 0
+    compiled = cpu_tile.kernel() if dev.type == "cpu" else None  # the fused tile step, when it builds
 
     res = {}
     if want_out:
@@ -285,41 +327,21 @@ def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=Tru
 
             k_lo, k_hi = masks.key_range(qs, qe)
             # score and probability tiles reuse their buffers across the key blocks (p is computed
-            # in place of s unless the entropy needs both)
+            # in place of s, except by the eager step when the entropy needs both)
             s_buf = torch.empty(B * Hkv * rows * min(bk, k_hi - k_lo), dtype=f32, device=dev)
-            p_buf = torch.empty_like(s_buf) if want_entropy else None  # entropy reads s and p together
+            p_buf = torch.empty_like(s_buf) if want_entropy and compiled is None else None
             for ks in range(k_lo, k_hi, bk):
                 ke = min(ks + bk, k_hi)
                 size, numel = (B, Hkv, rows, ke - ks), B * Hkv * rows * (ke - ks)
                 s = torch.matmul(qb, k[:, :, ks:ke].to(f32).transpose(-1, -2), out=s_buf[:numel].view(size))
                 masks.apply(s, qs, qe, ks, ke)
-                # on CPU the chunk maxima give the row max and locate the top-1 key in one pass
-                cmax = chunk_max(s) if want_top1 and dev.type == "cpu" and (ke - ks) % TOP1_CHUNK == 0 else None
-                bmax = s.amax(dim=-1) if cmax is None else cmax.amax(-1).view(size[:-1])
-                # strict > keeps the earliest key on ties, like argmax within a tile
-                if want_top1 and dev.type == "cpu":
-                    # index search only on the rows whose running max this tile beats
-                    beat = (bmax > m).view(-1).nonzero().squeeze(1)
-                    if beat.numel():
-                        best_i.view(-1)[beat] = first_argmax(s, beat, cmax) + ks
-                elif want_top1:  # on accelerators stay sync-free (nonzero would sync)
-                    best_i = torch.where(bmax > m, s.argmax(-1) + ks, best_i)
-                # p = 2^(s - bmax): 1 at the tile's max, 0 on masked keys (three passes over the
-                # tile, no normalisation: the running sums below carry it). Rows with no allowed key
-                # shift by 0 instead, so their p is 2^MASKED = 0 too.
-                allowed = bmax > NEG
-                s.sub_(torch.where(allowed, bmax, 0.0).unsqueeze(-1))
-                p = torch.exp2(s, out=p_buf[:numel].view(size)) if want_entropy else s.exp2_()
-                l_tile = p.sum(-1)
-                m_new = torch.maximum(m, bmax)
-                alpha = torch.exp2(m - m_new)
-                # the tile's weight relative to m_new; 0 on rows with no allowed key
-                w = torch.where(allowed, torch.exp2(bmax - m_new), 0.0)
-                if want_entropy:
-                    h_tile = s.mul_(p).sum(-1)  # sum p (s - bmax), in place (vecdot builds a tile-sized temporary)
-                    ent = alpha * (ent + (m - m_new) * l) + w * (h_tile + l_tile * (bmax - m_new))
-                l = l * alpha + w * l_tile
-                m = m_new
+                state = (m, l, ent if want_entropy else None, best_i if want_top1 else None)
+                if compiled is not None:
+                    p = s
+                    alpha, w = cpu_tile.softmax_step(compiled, s, p, *state, ks, NEG, MASKED)
+                else:
+                    p_out = p_buf[:numel].view(size) if p_buf is not None else s
+                    p, alpha, w = softmax_step_eager(s, p_out, *state, ks)
                 a4, w4 = alpha.unsqueeze(-1), w.unsqueeze(-1)
                 if want_out:
                     vb = v[:, :, ks:ke].to(f32)
