@@ -8,7 +8,7 @@ Runs, one after another (run it on a quiet machine: nothing else running):
   kernel_cpu.py    --sizes 8192 16384 32768 --stats        -> benchmarks/kernel_cpu.json
   long_context.py  --lengths 1024,4096,8192,16384,32768    -> benchmarks/long_context.json
                    (+ the needle comparison at 8192 tokens)
-  var_generate.py  --new 16 --threads 1 --organism vision  -> benchmarks/var_generate.json
+  var_generate.py  --new 16 --threads 1 --organism vision --repeats 10  -> benchmarks/var_generate.json
 then prints the markdown rows (and with --readme writes them between the README's
 ``<!-- bench:NAME -->`` / ``<!-- bench:NAME:end -->`` markers). The GPU table needs a GPU
 (benchmarks/kernel_gpu.py) and is not rerun here.
@@ -104,9 +104,10 @@ def var_rows(path: Path) -> str:
         if key not in report:
             continue
         r = report[key]
-        lines.append(f"- {label}: plain SDPA generate best {r['sdpa_best_s']:.2f} s (median {r['sdpa_median_s']:.2f} s), "
-                     f"with VAR best {r['var_best_s']:.2f} s (median {r['var_median_s']:.2f} s): {r['ratio_best']:.2f}x "
-                     f"on the best times, {r['ratio_median']:.2f}x on the medians")
+        ms = lambda name: f"{r[name] * 1000:.0f} ms"  # noqa: E731
+        lines.append(f"- {label}: plain SDPA generate best {ms('sdpa_best_s')} (median {ms('sdpa_median_s')}), "
+                     f"with VAR best {ms('var_best_s')} (median {ms('var_median_s')}): {r['ratio_best']:.2f}x "
+                     f"on the best times, {r['ratio_median']:.2f}x on the medians ({r['repeats']} alternated runs each)")
     lines.append(f"- load average {report['loadavg_1min_before']:.2f} before, {report['loadavg_1min_after']:.2f} after")
     return "\n".join(lines)
 
@@ -142,7 +143,9 @@ def main() -> None:
             "--json", str(out / "kernel_cpu.json"))
         run("long_context.py", "--lengths", "1024,4096,8192,16384,32768", "--needle-length", "8192",
             "--repeats", reps, "--json", str(out / "long_context.json"))
-        run("var_generate.py", "--new", "16", "--repeats", reps, "--threads", "1", "--organism", "vision",
+        # a generate call takes 0.05-0.5 s here, so more runs cost little and steady the figure
+        run("var_generate.py", "--new", "16", "--repeats", str(max(args.repeats, 10)), "--threads", "1",
+            "--organism", "vision",
             "--json", str(out / "var_generate.json"))
         print(f"all benchmarks: {time.perf_counter() - start:.0f} s", flush=True)
     blocks = {"kernel-cpu": kernel_rows(out / "kernel_cpu.json"),

@@ -59,7 +59,7 @@ def case(hm, batch, new: int, repeats: int, options: dict) -> dict:
     with torch.no_grad(), apply(hm, edit) as run:
         hm.model.generate(**batch, **kwargs)
     rows_edited.append(run.rows_edited / max(run.rows_seen, 1))
-    out = {"tokens": int(batch["input_ids"].shape[1]), "image_tokens": int(vision.image_mask(hm, batch["input_ids"]).sum()),
+    out = {"repeats": repeats, "tokens": int(batch["input_ids"].shape[1]), "image_tokens": int(vision.image_mask(hm, batch["input_ids"]).sum()),
            "new_tokens": new, "massive_dims": dims, "var_dims_used": edit.options["dims"],
            "share_of_rows_redistributed": rows_edited[0]}
     for name, ts in times.items():

@@ -48,22 +48,31 @@ def hook_names(n_layers: int) -> list[str]:
     return names
 
 
-def _pattern(query, key, mask, scaling, module, sliding_window) -> torch.Tensor:
-    """softmax(q k^T * scaling + mask) as [B, H, q, k] (GQA by repeating k for this short context)."""
-    n_q, n_k = query.shape[2], key.shape[2]
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    if mask is not None:
-        mask = mask[..., -n_k:]
+def attention_pattern(query, key, *, scaling, causal=False, attn_mask=None, sliding_window=None,
+                      softcap=None) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) as float32 [B, H, q, k], for short contexts (it builds the
+    pattern). Arguments as :func:`headscope.hooks.kernel_arguments` returns them; query rows sit at the
+    last n_q key positions. GQA by index (query heads h share kv head h // (H / Hkv)). Rows with no
+    allowed key are 0."""
+    B, H, n_q, d = query.shape
+    hkv, n_k = key.shape[1], key.shape[2]
+    q = query.float().reshape(B, hkv, (H // hkv) * n_q, d)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(B, H, n_q, n_k) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    masked = attn_mask is not None or sliding_window or (causal and n_q > 1)  # one causal last row sees all keys
+    if attn_mask is not None:
+        mask = attn_mask[..., -n_q:, -n_k:] if attn_mask.shape[-2] > 1 else attn_mask[..., -n_k:]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    elif getattr(module, "is_causal", False):
+    if (causal and n_q > 1) or sliding_window:
         rows = torch.arange(n_k - n_q, n_k, device=query.device).view(-1, 1)
         cols = torch.arange(n_k, device=query.device).view(1, -1)
-        allowed = cols <= rows
+        allowed = cols <= rows if causal else torch.ones_like(cols <= rows)
         if sliding_window:
             allowed &= cols > rows - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(query.dtype)
+    weights = torch.softmax(scores, dim=-1)
+    return weights.nan_to_num_(0.0) if masked else weights
 
 
 def run_with_cache(hm, input_ids: torch.Tensor, *, names_filter: Callable[[str], bool] | Iterable[str] | None = None,
@@ -111,8 +120,8 @@ def run_with_cache(hm, input_ids: torch.Tensor, *, names_filter: Callable[[str],
                 if want(layer, f"attn.{name}"):
                     put(layer, f"attn.{name}", tensor.transpose(1, 2))
         if want(layer, "attn.hook_pattern"):
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            put(layer, "attn.hook_pattern", _pattern(query, key, mask, scale, module, kwargs.get("sliding_window")))
+            args = hooks.kernel_arguments(module, query, mask, scaling, kwargs)
+            put(layer, "attn.hook_pattern", attention_pattern(query, key, **args).to(query.dtype))
 
     def projection_hook(layer: int, name: str, n_heads: int):
         def hook(module, args, output):

@@ -125,6 +125,7 @@ class HeadModel:
         self._owner_lock = threading.Lock()
         self._undo_attention: Callable[[], None] | None = None
         self._hook_handles: list = []
+        self._module_hooks: set[str] = set()  # kinds of module hooks on now (see _module_hooks_for)
         self._q_scales: list[tuple[int, torch.Tensor]] = []  # (layer, [H] query multiplier)
         self._z_edits: list[Callable[[int, torch.Tensor, range], torch.Tensor]] = []
         self._z_captures: list[ZCapture] = []
@@ -302,19 +303,32 @@ class HeadModel:
             self._undo_attention = hooks.use_headscope_attention(self.model, self.adapter, self._layers)
             for layer, modules in enumerate(self._layers):
                 hooks.set_handler(modules.attention, self._attention_handler(layer))
-                self._hook_handles.append(modules.out_proj.register_forward_pre_hook(self._out_proj_hook(layer)))
-                if modules.block is not None:
-                    self._hook_handles.append(modules.block.register_forward_pre_hook(
-                        self._block_hook(layer), with_kwargs=True))
-            self._hook_handles.append(self.model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
         except BaseException:
             self._uninstall()
             raise
+
+    def _module_hooks_for(self, stack: list) -> None:
+        """Put on the module hooks that ``stack``'s probes or edits need, once per install: an idle
+        forward pre-hook still costs every call of its module (decoding runs thousands)."""
+        kind = ("out_proj" if stack is self._z_edits or stack is self._z_captures else
+                "block" if stack is self._residual_watchers else "input" if stack is self._input_watchers else None)
+        if kind is None or kind in self._module_hooks:
+            return
+        self._module_hooks.add(kind)
+        if kind == "input":
+            self._hook_handles.append(self.model.register_forward_pre_hook(self._input_hook, with_kwargs=True))
+        for layer, modules in enumerate(self._layers):
+            if kind == "out_proj":
+                self._hook_handles.append(modules.out_proj.register_forward_pre_hook(self._out_proj_hook(layer)))
+            elif kind == "block" and modules.block is not None:
+                self._hook_handles.append(modules.block.register_forward_pre_hook(
+                    self._block_hook(layer), with_kwargs=True))
 
     def _uninstall(self) -> None:
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
+        self._module_hooks.clear()
         for modules in self._layers:
             hooks.set_handler(modules.attention, None)
         if self._undo_attention is not None:
@@ -328,6 +342,7 @@ class HeadModel:
     @contextlib.contextmanager
     def _pushed(self, stack: list, item) -> Iterator:
         with self._hooked():
+            self._module_hooks_for(stack)
             stack.append(item)
             try:
                 yield item

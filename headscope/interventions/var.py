@@ -17,20 +17,23 @@ heads) does, in every layer from ``first_layer`` [2] on:
    image tokens in proportion to their weights (rows still sum to 1). A row with no non-sink image
    token is left unchanged (the reference divides by zero there).
 
-The redistribution runs in the fused kernel (``reweight=(sinks, non-sink image, p)``), only on the
-rows after the image: no eager attention, no [H, N, N] pattern. Unlike the reference it also runs
-in the last layer (its exclusion never runs there) and handles batches with left padding.
+A decode step or a short prompt (at most DENSE_SCORES scores) builds its rows' pattern outright
+and reads the masses in one matmul; a long prefill streams the rows after the image through the
+fused kernel (``reweight=(sinks, non-sink image, p)``): no [H, N, N] pattern. Unlike the reference
+it also runs in the last layer (its exclusion never runs there) and handles batches with left
+padding.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from headscope import hooks, vision
+from headscope.cache import attention_pattern
 from headscope.errors import HeadscopeError
 
 DEFAULT_STRENGTH = 0.6  # p
@@ -82,6 +85,14 @@ def var_edit(hm, batch: dict, p: float = DEFAULT_STRENGTH, *, threshold: float =
     return Edit("var", list(heads), strength=p, scope=scope, options={"dims": dims, **options})
 
 
+class Rule(NamedTuple):
+    """Which rows VAR redistributes, and by how much."""
+
+    min_image_mass: float
+    rho: float
+    p: float
+
+
 class _Run:
     """State of one VAR block: image positions and per-layer sinks of the latest prefill."""
 
@@ -89,7 +100,7 @@ class _Run:
         self.hm = hm
         self.edit = edit
         self.opts = {**DEFAULTS, **edit.options}
-        self.p = float(edit.strength)
+        self.rule = Rule(float(self.opts["min_image_mass"]), float(self.opts["rho"]), float(edit.strength))
         g = hm.geometry
         chosen = self.opts["layers"]
         self.layers = set(range(int(self.opts["first_layer"]), g.n_layers) if chosen is None else chosen)
@@ -98,10 +109,13 @@ class _Run:
             heads[:] = False
             for layer, head in edit.heads:
                 heads[layer, head] = True
-        self.heads = heads
+        self.heads = heads.view(g.n_layers, 1, g.n_heads, 1)  # per layer: [1, H, 1]
         self.token = vision.require_vision(hm, "VAR")
-        self.image = self.real = None
+        self.image = self.real = self.last_image = self.step = None
+        self.has_image = False
         self.sinks: dict[int, torch.Tensor] = {}
+        self.key_sets: dict[int, torch.Tensor] = {}
+        self.moves: dict[int, torch.Tensor] = {}
         self.rows_seen = self.rows_edited = 0
 
     # ------------------------------------------------------------------ prefill bookkeeping
@@ -117,7 +131,10 @@ class _Run:
         self.image = ids == self.token
         mask = kwargs.get("attention_mask")
         self.real = torch.ones_like(self.image) if mask is None or mask.dim() != 2 else mask.bool()
-        self.sinks = {}
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        self.last_image = torch.where(self.image, pos, torch.full_like(pos, -1)).amax(1)  # [B], -1: no image
+        self.has_image = bool((self.last_image >= 0).any())
+        self.sinks, self.key_sets, self.moves, self.step = {}, {}, {}, None
 
     def see_residual(self, layer: int, hidden: torch.Tensor) -> None:
         if layer not in self.layers or self.image is None or hidden.shape[1] != self.image.shape[1]:
@@ -132,49 +149,111 @@ class _Run:
             first = self.real.long().argmax(1)
             rows = torch.arange(sinks.shape[0], device=sinks.device)
             sinks[rows, first] |= ~self.image[rows, first]
-        self.sinks[layer] = sinks & self.real
+        sinks &= self.real
+        self.sinks[layer] = sinks
+        # Per prefill key, as weights whose attention mass VAR reads in one matmul: sinks (text sinks
+        # too), the rest of the image, the image, and (1 - rho) x visual sinks - rho x rest, whose mass
+        # is <= 0 exactly when visual sinks hold at most rho of the image mass.
+        rest, visual = (self.image & ~sinks).float(), (sinks & self.image).float()
+        rho = self.rule.rho
+        key_sets = torch.stack([sinks.float(), rest, rest + visual, (1 - rho) * visual - rho * rest], -1)
+        self.key_sets[layer] = key_sets.unsqueeze(1)                     # [B, 1, N0, 4]
+        self.moves[layer] = key_sets[..., :2].transpose(1, 2).unsqueeze(1)  # [B, 1, 2, N0]: sinks, rest
 
     # ------------------------------------------------------------------ the attention edit
     def attention(self, layer, module, query, key, value, mask, scaling, **kwargs):
-        if layer not in self.sinks:
+        if layer not in self.sinks or not self.has_image:
             return None
-        from headscope_kernels import attention_with_stats
-
-        n_q, n_k = query.shape[2], key.shape[2]
+        B, H, n_q, _ = query.shape
+        n_k = key.shape[2]
         q_offset = n_k - n_q
         if (self.edit.scope == "prefill" and q_offset > 0) or (self.edit.scope == "decode" and q_offset == 0):
             return None
         dev = query.device
-        image = _pad(self.image, n_k).to(dev)
-        sinks = _pad(self.sinks[layer], n_k).to(dev)
-        pos = torch.arange(n_k, device=dev)
-        last_image = torch.where(image, pos, torch.full_like(pos, -1)).amax(1)  # [B]
-        if not bool((last_image >= 0).any()):
-            return None
-        lo = int(last_image[last_image >= 0].min()) + 1 - q_offset if q_offset == 0 else 0
+        args = hooks.kernel_arguments(module, query, mask, scaling, kwargs)
+        dense = B * H * n_q * n_k <= DENSE_SCORES
+        # rows to compute: all of them when dense, else from the first image's end on (streamed)
+        last_image = self.last_image.to(dev)
+        lo = 0 if dense or q_offset > 0 else int(last_image[last_image >= 0].min()) + 1
         if lo >= n_q:
             return None
-        rows = q_offset + lo + torch.arange(n_q - lo, device=dev)  # absolute query positions
-        after = (rows.view(1, -1) > last_image.view(-1, 1)) & (last_image.view(-1, 1) >= 0)  # [B, rows]
-        groups = torch.where(sinks, 0, torch.where(image, 1, -1)).long()
-        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        sub_mask = mask[:, :, lo:] if mask is not None and mask.dim() == 4 and mask.shape[2] == n_q else mask
-        causal = mask is None and bool(getattr(module, "is_causal", False))
-        q_rows = query[:, :, lo:]
-        stats = attention_with_stats(
-            q_rows, key, value, scaling, q_offset=q_offset + lo, attn_mask=sub_mask, causal=causal,
-            sliding_window=kwargs.get("sliding_window"), key_groups=groups, num_groups=2,
-            outputs=("out", "group_mass", "lse"), reweight=(0, 1, self.p))
-        visual_sink_mass = _mass_on(q_rows, key, scaling, stats.lse, sinks & image, rows)
-        image_mass = visual_sink_mass + stats.group_mass[..., 1]
-        share = visual_sink_mass / image_mass.clamp_min(1e-30)
-        chosen = ((image_mass >= self.opts["min_image_mass"]) & (share <= self.opts["rho"])
-                  & after.unsqueeze(1) & self.heads[layer].to(dev).view(1, -1, 1))  # [B, H, rows]
-        self.rows_seen += int(after.sum()) * query.shape[1]
+        if self.step is None or self.step[0] != (n_q, n_k, lo, dev):  # the same for every layer of a forward
+            rows = q_offset + lo + torch.arange(n_q - lo, device=dev)  # absolute query positions
+            after = (rows.view(1, -1) > last_image.view(-1, 1)) & (last_image.view(-1, 1) >= 0)  # [B, rows]
+            self.step = ((n_q, n_k, lo, dev), after.unsqueeze(1), int(after.sum()) * H)
+        _, after, n_after = self.step
+        eligible = after & self.heads[layer].to(dev)  # [B, H, rows]
+        if dense:
+            out, chosen = _redistribute_dense(query, key, value, args, self.key_sets[layer].to(dev),
+                                              self.moves[layer].to(dev), eligible, self.rule)
+        else:
+            out, chosen = self._streamed(layer, module, query, key, value, mask, scaling, args, lo, eligible,
+                                         kwargs)
+        self.rows_seen += n_after
         self.rows_edited += int(chosen.sum())
-        out = hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)  # [B, q, H, d]
-        edited = torch.where(chosen.transpose(1, 2).unsqueeze(-1), stats.out.transpose(1, 2).to(out.dtype), out[:, lo:])
-        return torch.cat([out[:, :lo], edited], dim=1)
+        return out
+
+    def _streamed(self, layer, module, query, key, value, mask, scaling, args, lo, eligible, kwargs):
+        """Rows lo: through the fused kernel; rows before, and rows not chosen, keep the stock output."""
+        n_q = query.shape[2]
+        if args["attn_mask"] is not None and args["attn_mask"].dim() == 4 and args["attn_mask"].shape[2] == n_q:
+            args["attn_mask"] = args["attn_mask"][:, :, lo:]
+        edited, chosen = _redistribute_streamed(query[:, :, lo:], key, value, args, self.sinks[layer].to(query.device),
+                                                self.image.to(query.device), eligible, self.rule,
+                                                key.shape[2] - n_q + lo)
+        stock = hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)  # [B, q, H, d]
+        kept = torch.where(chosen.transpose(1, 2).unsqueeze(-1), edited.transpose(1, 2).to(stock.dtype), stock[:, lo:])
+        return torch.cat([stock[:, :lo], kept], dim=1), chosen
+
+
+# Up to this many scores (B x H x query rows x keys) the rows' pattern is built outright (a decode
+# step, a short prompt); above, the fused kernel streams it, never building [H, N, N].
+DENSE_SCORES = 1 << 20
+
+
+def _image_centric(eligible, image_mass, sink_margin, rest_mass, rule):
+    """VAR's rows to redistribute [B, H, rows]: eligible, image mass >= min_image_mass, visual sinks
+    holding at most rho of it (``sink_margin`` = (1 - rho) x visual-sink mass - rho x rest <= 0), and
+    some non-sink image mass to move weight onto (the guard)."""
+    return eligible & (image_mass >= rule.min_image_mass) & (sink_margin <= 0) & (rest_mass > 0)
+
+
+def _redistribute_dense(query, key, value, args, key_sets, moves, eligible, rule):
+    """VAR on every row from the rows' attention pattern (a short context): the output [B, q, H, d]
+    and the rows chosen [B, H, q]. ``key_sets``, ``moves``: the layer's key weights (_Run.see_residual)."""
+    B, H, n_q, d = query.shape
+    hkv, n_k, n0 = key.shape[1], key.shape[2], key_sets.shape[2]
+    w = attention_pattern(query, key, **args)  # [B, H, q, Nk] float32
+    prefix = w[..., :n0]  # generated tokens (keys past the prefill) are neither image nor sinks
+    mass = torch.matmul(prefix, key_sets)  # [B, H, q, 4]
+    sink_mass, rest_mass = mass[..., 0], mass[..., 1]
+    chosen = _image_centric(eligible, mass[..., 2], mass[..., 3], rest_mass, rule)
+    # on chosen rows: sinks' weights times p, the freed mass to the rest of the image in proportion
+    cut = chosen * (rule.p - 1)  # p - 1 on chosen rows, else 0
+    coef = torch.stack([cut, -cut * sink_mass / rest_mass.clamp_min(1e-30)], -1)
+    prefix.addcmul_(prefix, torch.matmul(coef, moves))
+    out = torch.matmul(w.view(B, hkv, -1, n_k), value.float()).view(B, H, n_q, -1)  # GQA: heads share a kv head
+    return out.transpose(1, 2).to(query.dtype), chosen
+
+
+def _redistribute_streamed(query, key, value, args, sinks, image, eligible, rule, q_offset):
+    """VAR through the fused kernel (``reweight``), no [H, N, N] pattern: the output [B, H, rows, d]
+    and the rows chosen [B, H, rows]."""
+    from headscope_kernels import attention_with_stats
+
+    n_k = key.shape[2]
+    sinks, image = _pad(sinks, n_k), _pad(image, n_k)
+    groups = torch.where(sinks, 0, torch.where(image, 1, -1)).long()
+    kernel_args = {name: value for name, value in args.items() if name != "scaling"}
+    stats = attention_with_stats(query, key, value, args["scaling"], q_offset=q_offset, key_groups=groups,
+                                 num_groups=2, outputs=("out", "group_mass", "lse"), reweight=(0, 1, rule.p),
+                                 **kernel_args)
+    rows = q_offset + torch.arange(query.shape[2], device=query.device)
+    visual_sink_mass = _mass_on(query, key, args, stats.lse, sinks & image, rows)
+    rest_mass, rho = stats.group_mass[..., 1], rule.rho
+    chosen = _image_centric(eligible, rest_mass + visual_sink_mass, (1 - rho) * visual_sink_mass - rho * rest_mass,
+                            rest_mass, rule)
+    return stats.out, chosen
 
 
 def _pad(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -184,7 +263,7 @@ def _pad(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([mask, mask.new_zeros(mask.shape[0], n - mask.shape[1])], dim=1)
 
 
-def _mass_on(query, key, scaling, lse, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _mass_on(query, key, args, lse, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Attention mass [B, H, rows] on the few keys marked in ``keys`` [B, Nk], from their scores and
     the rows' lse (the kernel's log-normaliser): only those keys' scores are computed."""
     B, H, n, d = query.shape
@@ -196,7 +275,9 @@ def _mass_on(query, key, scaling, lse, keys: torch.Tensor, rows: torch.Tensor) -
     valid = torch.gather(keys, 1, order)  # [B, S]
     picked = torch.gather(key, 2, order.view(B, 1, count, 1).expand(B, hkv, count, key.shape[-1]))
     picked = picked[:, torch.arange(H, device=key.device) // (H // hkv)]  # query head -> its kv head
-    scores = torch.einsum("bhqd,bhsd->bhqs", query.float(), picked.float()) * scaling
+    scores = torch.einsum("bhqd,bhsd->bhqs", query.float(), picked.float()) * args["scaling"]
+    if args["softcap"] is not None:
+        scores = args["softcap"] * torch.tanh(scores / args["softcap"])
     allowed = valid.view(B, 1, 1, count) & (order.view(B, 1, 1, count) <= rows.view(1, 1, -1, 1))
     finite = torch.isfinite(lse).unsqueeze(-1)
     p = torch.exp(scores - torch.where(finite, lse.unsqueeze(-1), torch.zeros_like(lse.unsqueeze(-1))))
