@@ -65,9 +65,9 @@ def test_decode_step_with_kv_cache_equals_full_forward():
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(3))
     pattern = eager_attentions(model, input_ids=ids)
     with torch.no_grad():
-        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        cache = model(ids[:, :-1], use_cache=True).cache
         with hm.attention_stats(["top1", "group_mass"], key_groups=torch.arange(16) % 2, num_groups=2) as rec:
-            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+            model(ids[:, -1:], cache=cache, use_cache=True)
     assert rec.row_start() == 15
     assert torch.equal(rec.top1_index()[..., 0], pattern[..., -1, :].argmax(-1))
     torch.testing.assert_close(rec.group_mass()[..., 0, 1], pattern[..., -1, 1::2].sum(-1), atol=1e-5, rtol=0)

@@ -44,13 +44,13 @@ def _manual_cache(hm, ids, prefill_edits, decode_edits):
     """Prefill under one set of edits, then decode one token at a time with the KV cache under another."""
     with intervene(hm, prefill_edits):
         out = hm.model(ids, use_cache=True)
-    seq, scores, cache = ids, [out.logits[:, -1]], out.past_key_values
+    seq, scores, cache = ids, [out.logits[:, -1]], out.cache
     for step in range(N_NEW - 1):
         nxt = scores[-1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
         with intervene(hm, decode_edits):
-            out = hm.model(nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+            out = hm.model(nxt, cache=cache, use_cache=True)
+        cache = out.cache
         scores.append(out.logits[:, -1])
     seq = torch.cat([seq, scores[-1].argmax(-1, keepdim=True)], 1)
     return seq, torch.stack(scores, 1)

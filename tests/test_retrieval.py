@@ -44,13 +44,13 @@ def reference_decode_scores(hm, trial, until_stop=False):
         start, stop = trial.answer_span
         seq = list(trial.prompt_ids)
         with torch.no_grad():
-            cache = model(torch.tensor([seq[:-1]]), use_cache=True).past_key_values
+            cache = model(torch.tensor([seq[:-1]]), use_cache=True).cache
             current = seq[-1]
             scores = None
             generated = []
             for _ in range(50 if until_stop else len(trial.answer_ids)):
-                out = model(torch.tensor([[current]]), past_key_values=cache, use_cache=True, output_attentions=True)
-                cache = out.past_key_values
+                out = model(torch.tensor([[current]]), cache=cache, use_cache=True, output_attentions=True)
+                cache = out.cache
                 token = int(out.logits[0, -1].argmax())
                 pattern = torch.stack(out.attentions)[:, 0, :, -1]  # [L, H, keys]
                 if scores is None:
