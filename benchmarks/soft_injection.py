@@ -30,7 +30,7 @@ from headscope.analyzers.circuits import overlap
 from headscope.interventions.soft_injection import (compare_methods, fit_soft_selection, function_vector_heads,
                                                     prompt_cost, task_embedding)
 from headscope.model import HeadModel
-from headscope.scores import HeadScores
+from headscope.scores import HeadScores, write_whole
 from headscope.tasks.icl import IclTask
 
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         "threads": args.threads, "loadavg": os.getloadavg(), "torch": torch.__version__,
     }
     text = json.dumps(result, indent=2) + "\n"
-    Path(args.json).write_text(text)
+    write_whole(Path(args.json), text)
     print(pd.DataFrame(accuracy).T.to_string(float_format=lambda x: f"{x:.3f}"))
     print("spearman vs ground truth:", json.dumps(spearman))
     print(f"top-{args.overlap_top} overlap (Jaccard): same family {result['overlap_same_family_mean_jaccard']}, "

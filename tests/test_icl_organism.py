@@ -40,24 +40,27 @@ def zero_and_ten(hm, tasks):
 
 
 def test_demonstrations_help(zero_and_ten):
-    """0-shot the query does not say which task is meant (shipped: 0.25 averaged); 10
-    demonstrations help (shipped: 0.77)."""
+    """0-shot the query does not say which task is meant (shipped: 0.25 averaged, chance among the
+    four tasks); 10 demonstrations do (shipped: 1.00)."""
     zero, ten = zero_and_ten
     assert _mean(zero) < 0.4, zero
-    assert _mean(ten) > _mean(zero) + 0.3, (zero, ten)
+    assert _mean(ten) > _mean(zero) + 0.5, (zero, ten)
 
 
 def test_category_family_is_learnt_in_context(zero_and_ten):
-    """colour / animal: 10 demonstrations name the task (shipped: 1.00 both; 0-shot 0.43 / 0.00)."""
+    """colour / animal: 10 demonstrations name the task (shipped: 1.00 both; 0-shot 0.00 / 0.00)."""
     zero, ten = zero_and_ten
     assert min(ten["colour"], ten["animal"]) >= 0.95, ten
     assert max(zero["colour"], zero["animal"]) <= 0.6, zero
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped organism cannot tell next from prev (10-shot 0.68 / 0.40, "
-                   "loss 0.53 = the relation family unsolved): its training budget was too short")
 def test_relation_family_is_learnt_in_context(zero_and_ten):
-    assert min(zero_and_ten[1]["next"], zero_and_ten[1]["prev"]) > 0.8
+    """next / prev: the demonstrations' x -> y relation names the task (shipped: 1.00 both at 10
+    shots; 0-shot on the 6 test queries 0.67 / 0.33: with no demonstration it answers next or prev,
+    so at most one of the two is right)."""
+    zero, ten = zero_and_ten
+    assert min(ten["next"], ten["prev"]) >= 0.9, ten
+    assert min(zero["next"], zero["prev"]) <= 0.4, zero
 
 
 @pytest.mark.slow
