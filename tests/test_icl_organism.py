@@ -64,11 +64,13 @@ def test_relation_family_is_learnt_in_context(zero_and_ten):
 
 
 @pytest.mark.slow
-def test_soft_injection_beats_zero_shot_on_average(hm, tasks):
-    """benchmarks/soft_injection.py measured 0.25 (0-shot) -> 0.70 (0-shot + injection) averaged."""
+def test_soft_injection_matches_ten_shot_from_zero_shot_prompts(hm, tasks):
+    """benchmarks/soft_injection.py measured 0.25 (0-shot) -> 1.00 (0-shot + injection) averaged,
+    as 10-shot ICL (1.00)."""
     zero, injected = [], []
     for name, task in tasks.items():
         emb = fit_soft_selection(hm, task, task_embedding(hm, task, progress=False), progress=False)
         zero.append(accuracy(hm, task, 0, n=60))
         injected.append(accuracy(hm, task, 0, n=60, edits=emb.edit()))
-    assert sum(injected) / len(injected) >= sum(zero) / len(zero) + 0.1, (zero, injected)
+    assert sum(zero) / len(zero) < 0.4, zero
+    assert min(injected) >= 0.9, (zero, injected)

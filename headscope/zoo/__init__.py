@@ -20,7 +20,7 @@ ORGANISMS: dict[str, str] = {
     "topics": "Tiny Llama over filler words where trigger words make later words colours, animals or numbers; "
     "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
     "icl": "Tiny Llama (GQA) with four word-to-word tasks told apart by demonstrations (next / prev, colour / animal; "
-    "it learnt colour / animal in context, not next / prev); "
+    "10-shot 1.00 on each); "
     "0-shot it cannot tell them apart, for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
     "vision": "Tiny LLaVA (CLIP vision tower + Llama) captioning coloured shapes; a co-occurrence prior makes it "
     "hallucinate partner shapes (python -m headscope.zoo.train_vision)",
