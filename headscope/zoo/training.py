@@ -7,15 +7,19 @@ single tokens) and saved next to the weights with ``save_pretrained``.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from headscope.io import write_whole
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
@@ -191,8 +195,6 @@ def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, h
                     max_positions: int, attention_bias: bool = False):
     """The organisms' architecture: a tiny LlamaConfig with GQA (kv_heads < heads) and tied embeddings
     (``attention_bias``: biases on the q/k/v/o projections, as some Llama-family models have)."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -215,13 +217,6 @@ def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, h
 def save_organism(model, tokenizer, out, meta: dict, max_new_tokens: int) -> None:
     """Weights, tokenizer (with special_tokens_map.json, which transformers 5 no longer writes),
     a greedy generation config and ``organism.json`` into ``out``."""
-    import json
-    from pathlib import Path
-
-    from transformers import GenerationConfig
-
-    from headscope.scores import _write_whole
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
@@ -234,6 +229,6 @@ def save_organism(model, tokenizer, out, meta: dict, max_new_tokens: int) -> Non
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    _write_whole(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
-    _write_whole(out / "organism.json", json.dumps(meta, indent=2) + "\n")
+    write_whole(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    write_whole(out / "organism.json", json.dumps(meta, indent=2) + "\n")
 
