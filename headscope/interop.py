@@ -33,6 +33,7 @@ import torch
 
 from headscope import remote
 from headscope.errors import HeadscopeError
+from headscope.heads import head_masks
 from headscope.hf.adapters import find_layers
 from headscope.model import HeadModel
 from headscope.interventions.edits import Z_KINDS, Edit, _patch_values, _Positions, apply_z_edit, edit_weights
@@ -159,9 +160,9 @@ def ships_plan(lm, heads: Sequence[tuple[int, int]], eps: float = 1e-4, ablation
         raise HeadscopeError(f"unknown Ships ablation {ablation!r}; choose 'query' or 'output'")
     _, layers = find_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
-    scale = torch.ones(len(heads) + 1, g.n_layers, g.n_heads)
-    for r, (layer, head) in enumerate(heads, start=1):
-        scale[r, layer, head] = eps
+    scale = torch.ones(len(heads) + 1, g.n_layers, g.n_heads)  # row 0: no head ablated; row r: head r - 1
+    if heads:
+        scale[1:][torch.stack([head_masks([h], g.n_layers, g.n_heads) for h in heads])] = eps
     steps = []
     for layer in sorted({l for l, _ in heads}):
         target = layers[layer].out_proj

@@ -35,6 +35,7 @@ import torch
 from headscope import vision
 from headscope.cache import attention_pattern
 from headscope.errors import HeadscopeError
+from headscope.heads import head_masks
 from headscope.hf.attention import kernel_arguments, stock_attention
 from headscope.hf.inputs import cached_length
 
@@ -106,11 +107,8 @@ class _Run:
         g = hm.geometry
         chosen = self.opts["layers"]
         self.layers = set(range(int(self.opts["first_layer"]), g.n_layers) if chosen is None else chosen)
-        heads = torch.ones(g.n_layers, g.n_heads, dtype=torch.bool)
-        if edit.heads:
-            heads[:] = False
-            for layer, head in edit.heads:
-                heads[layer, head] = True
+        heads = head_masks(edit.heads, g.n_layers, g.n_heads) if edit.heads else torch.ones(g.n_layers, g.n_heads,
+                                                                                            dtype=torch.bool)
         self.heads = heads.view(g.n_layers, 1, g.n_heads, 1)  # per layer: [1, H, 1]
         self.token = vision.require_vision(hm, "VAR")
         self.image = self.real = self.last_image = self.step = None
