@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model
 from headscope.interventions import Edit, intervene
 from headscope.model import HOOK_KINDS, HeadModel
+from headscope.zoo.training import head_dropout
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,33 @@ def test_intervene_mask_pre_hook_is_in_the_table(hm):
         given = hm.model(ids, attention_mask=mask).logits
     assert torch.allclose(inferred, given)
     assert torch_hooks(hm.model) == 0
+
+
+def test_training_head_dropout_equals_a_plain_o_proj_hook():
+    """The organism trainers' head dropout (zoo.training.head_dropout, a z-edit of the table) computes,
+    with the same seed, what a hand-written o_proj pre-hook computes; in eval mode nothing changes."""
+    model = tiny_model("llama").train()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    H, d = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+
+    def reference(module, args):  # the trainers' former hook, on layer 1 only
+        x = args[0]
+        keep = (torch.rand(x.shape[0], 1, H, 1) >= 0.5).to(x.dtype) / 0.5
+        return ((x.view(*x.shape[:-1], H, d) * keep).view_as(x),) + args[1:]
+
+    handle = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(reference)
+    try:
+        torch.manual_seed(3)
+        want = model(ids).logits
+    finally:
+        handle.remove()
+    with head_dropout(model, [1], 0.5):
+        torch.manual_seed(3)
+        got = model(ids).logits
+        model.eval()
+        evaluated = model(ids).logits
+    plain = model(ids).logits
+    assert torch.equal(evaluated, plain)  # eval mode: no dropout
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the dropout did drop something
+    assert torch_hooks(model) == 0

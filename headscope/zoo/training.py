@@ -7,12 +7,13 @@ single tokens) and saved next to the weights with ``save_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from headscope.io import write_whole
+from headscope.model import HeadModel
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
@@ -118,25 +120,28 @@ def head_output_norms(model) -> torch.Tensor:
     return torch.stack(norms)
 
 
-def add_head_dropout(model, layers: Sequence[int], p: float) -> list:
+@contextlib.contextmanager
+def head_dropout(model, layers: Iterable[int], p: float) -> Iterator[None]:
     """Drop whole heads of ``layers`` at random while training (per sequence, probability ``p``).
 
-    Zeroes a head's slice of the input to ``o_proj`` (inverted-dropout scaling); inactive in eval
-    mode. The model learns to spread those layers' work over several heads, so no single one of
-    them is critical. Returns the hook handles (call ``.remove()`` when done).
+    Zeroes a head's output z (the input of ``o_proj``) with inverted-dropout scaling; inactive in
+    eval mode. The model learns to spread those layers' work over several heads, so no single one
+    of them is critical. A z-edit of HeadModel's hook table, removed on exit.
     """
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = set(layers)
+    if p <= 0 or not layers:
+        yield
+        return
+    hm = HeadModel(model)
 
-    def hook(module, args):
-        if not module.training or p <= 0:
-            return None
-        x = args[0]
-        keep = (torch.rand(x.shape[0], 1, cfg.num_attention_heads, 1) >= p).to(x.dtype) / (1 - p)
-        x = (x.view(*x.shape[:-1], cfg.num_attention_heads, hd) * keep).view_as(x)
-        return (x,) + args[1:]
+    def drop(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
+        if layer not in layers or not hm.model.training:
+            return z
+        keep = (torch.rand(z.shape[0], 1, z.shape[2], 1, device=z.device) >= p).to(z.dtype) / (1 - p)
+        return z * keep
 
-    return [model.model.layers[i].self_attn.o_proj.register_forward_pre_hook(hook) for i in layers]
+    with hm.edit_z(drop):
+        yield
 
 
 def train_loop(
