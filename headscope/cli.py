@@ -14,7 +14,8 @@ import sys
 
 from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags
 from headscope.errors import HeadscopeError
-from headscope.heads import EXAMPLES, check_ranking, check_selection, format_head, format_heads, parse_heads, select_heads
+from headscope.heads import EXAMPLES, format_head, format_heads, parse_heads
+from headscope.scores import check_ranking, check_selection, select_heads
 from headscope.validate import check_output, finite_float, nonnegative_int, positive_int
 
 
@@ -125,7 +126,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args):
     """The model named by --model (or the task's default organism) as a HeadModel."""
-    from headscope import devices
+    from headscope.hf import devices
     from headscope.model import HeadModel
 
     return HeadModel.load(args.model, device=args.device, dtype=args.dtype,

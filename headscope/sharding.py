@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from typing import Sequence
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.io import write_whole
 
 PART_FORMAT = "headscope-part/1"
 
@@ -80,17 +80,7 @@ def write_part(scores, path: str | os.PathLike) -> Path:
         raise HeadscopeError(f"{scores.method} scores carry no shard; run the sweep with shard=Shard(I, N)")
     data = {"format": PART_FORMAT, "method": scores.method, "model": scores.model, "params": scores.params,
             "shard": (shard.index, shard.count), "scores": scores.scores, **scores.part}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_whole(path, lambda tmp: torch.save(data, tmp))
 
 
 def _read_part(path) -> dict:

@@ -351,20 +351,20 @@ def _no_weights(active: bool):
     if not active:
         yield
         return
-    import headscope.model as model
+    import headscope.hf.loading as model
 
-    original = model._auto_class
+    original = model.auto_class
 
     class Refuse:
         @staticmethod
         def from_pretrained(*args, **kwargs):
             raise AssertionError("model weights were loaded before the input was checked")
 
-    model._auto_class = lambda config: Refuse
+    model.auto_class = lambda config: Refuse
     try:
         yield
     finally:
-        model._auto_class = original
+        model.auto_class = original
 
 
 def run_case(argv: list[str], early: bool) -> tuple[int | str, str, str]:

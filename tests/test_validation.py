@@ -13,7 +13,8 @@ from conftest import tiny_model
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 from headscope.scores import HeadScores, read_ranking
-from headscope.validate import read_text, write_whole
+from headscope.io import write_whole
+from headscope.validate import read_text
 
 HEADER = "layer,head,score\n"
 

@@ -28,7 +28,8 @@ import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
-from headscope.model import HeadModel, head_masks
+from headscope.heads import head_masks
+from headscope.model import HeadModel
 from headscope.scores import HeadScores
 from headscope.sharding import Shard, as_part, batches, owned
 from headscope.tasks.circuit_pairs import EncodedPairs

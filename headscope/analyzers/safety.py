@@ -25,13 +25,16 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import scipy.linalg
 import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
-from headscope.model import HeadModel, head_masks
+from headscope.heads import head_masks
+from headscope.model import HeadModel
 from headscope.remote import kl_divergence
-from headscope.scores import HeadScores, _write_whole
+from headscope.io import write_whole
+from headscope.scores import HeadScores
 from headscope.sharding import Shard, as_part, batches, owned
 from headscope.validate import read_json
 
@@ -182,25 +185,10 @@ def ships_result(per_query: torch.Tensor, model: str, params: dict) -> HeadScore
 
 # ------------------------------------------------------------------------------ dataset-level Ships
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Principal angles (radians, largest first) between the column spaces of ``a`` and ``b``.
-
-    Cosines from the singular values of Qa^T Qb; angles below 45 degrees from the sines (the
-    singular values of Qb - Qa Qa^T Qb), which are exact where arccos loses precision.
-    """
-    qa, qb = _orth(np.asarray(a, dtype=np.float64)), _orth(np.asarray(b, dtype=np.float64))
-    if qa.shape[1] < qb.shape[1]:
-        qa, qb = qb, qa
-    cos = np.linalg.svd(qa.T @ qb, compute_uv=False)
-    from_cos = np.sort(np.arccos(np.clip(cos, -1.0, 1.0)))[::-1]
-    sin = np.linalg.svd(qb - qa @ (qa.T @ qb), compute_uv=False)
-    from_sin = np.sort(np.arcsin(np.clip(sin, 0.0, 1.0)))[::-1][: len(from_cos)]
-    return np.where(from_cos < math.pi / 4, from_sin, from_cos)
-
-
-def _orth(m: np.ndarray) -> np.ndarray:
-    u, s, _ = np.linalg.svd(m, full_matrices=False)
-    tol = max(m.shape) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
-    return u[:, : int((s > tol).sum())]
+    """Principal angles (radians, largest first) between the column spaces of ``a`` and ``b``:
+    ``scipy.linalg.subspace_angles`` (Knyazev & Argentati 2002: sines below 45 degrees, exact where
+    arccos loses precision)."""
+    return scipy.linalg.subspace_angles(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
 
 
 def subspace_shift(m_base: torch.Tensor | np.ndarray, m_ablated: torch.Tensor | np.ndarray, r: int = 1) -> float:
@@ -381,7 +369,7 @@ def sahara(
             if state is not None:
                 payload = {"method": "sahara", "settings": settings, "chosen": [list(h) for h in chosen],
                            "scores": step_scores, "first_step": first_step}
-                _write_whole(state, json.dumps(payload, indent=1) + "\n")
+                write_whole(state, json.dumps(payload, indent=1) + "\n")
 
     g = hm.geometry
     out = torch.full((g.n_layers, g.n_heads), float("nan"))  # heads outside ``candidates`` stay unscored

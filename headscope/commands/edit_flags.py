@@ -64,7 +64,7 @@ def check_alpha(alpha: float) -> float:
 
 
 def _check_vhr(args):
-    from headscope.heads import check_ranking
+    from headscope.scores import check_ranking
 
     if getattr(args, "vhr", None):
         check_ranking(args.vhr, None)

@@ -23,7 +23,8 @@ def run(args) -> int:
     from headscope.analyzers.circuits import circuit, overlap, overlap_figure
     from headscope.errors import HeadscopeError
     from headscope.heads import format_heads
-    from headscope.scores import HeadScores, _write_whole
+    from headscope.io import write_whole
+    from headscope.scores import HeadScores
     from pathlib import Path
 
     a, b = HeadScores.from_csv(args.a), HeadScores.from_csv(args.b)
@@ -41,6 +42,6 @@ def run(args) -> int:
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     if args.plot:
         fig = overlap_figure(ca, cb, a.n_layers, a.n_heads, names=(Path(args.a).stem, Path(args.b).stem))
-        _write_whole(Path(args.plot), fig.to_html(include_plotlyjs="cdn"))
+        write_whole(Path(args.plot), fig.to_html(include_plotlyjs="cdn"))
         print(f"wrote {args.plot}")
     return 0

@@ -58,7 +58,8 @@ import torch
 from headscope import remote
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads
-from headscope.validate import check_finite, read_json, write_whole
+from headscope.io import write_whole
+from headscope.validate import check_finite, read_json
 
 Head = tuple[int, int]
 Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
@@ -393,8 +394,8 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
 
     with contextlib.ExitStack() as stack:
         if attention_mask is None and any(isinstance(e.positions, tuple) for e in edits):
-            handle = hm.model.register_forward_pre_hook(state.infer_mask(threading.get_ident()), with_kwargs=True)
-            stack.callback(handle.remove)
+            stack.enter_context(hm.hook_module(hm.model, state.infer_mask(threading.get_ident()), pre=True,
+                                               with_kwargs=True))
         if any(e.kind in Z_KINDS for e in edits):
             stack.enter_context(hm.edit_z(z_edit))
         for e in edits:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.errors import HeadscopeError
-from headscope.validate import write_whole
+from headscope.io import write_whole
 from headscope.interventions.edits import Edit, intervene
 from headscope.scores import HeadScores
 from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
@@ -322,13 +322,12 @@ def organism_ground_truth(folder, *, k: int = 10, n: int = 40, seed: int = 0) ->
                 row[f"effect_{t.name}"] = round(accuracy(hm, t, k, n=n, seed=seed) - base[t.name], 4)
         row["effect"] = round(sum(row[f"effect_{t.name}"] for t in tasks) / len(tasks), 4)
         rows.append(row)
-    from headscope.scores import _write_whole
 
     path = folder / "ground_truth.csv"
-    _write_whole(path, pd.DataFrame(rows).to_csv(index=False))
+    write_whole(path, pd.DataFrame(rows).to_csv(index=False))
     info.setdefault("training", {})["accuracy_10_shot"] = {t: round(a, 4) for t, a in base.items()}
     info["training"]["accuracy_0_shot"] = {t.name: round(accuracy(hm, t, 0, n=n, seed=seed), 4) for t in tasks}
     info["ground_truth"] = f"effect of zeroing each head alone on {k}-shot test accuracy ({n} prompts per task, seed {seed})"
-    _write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
+    write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
     print("10-shot accuracy:", info["training"]["accuracy_10_shot"], " 0-shot:", info["training"]["accuracy_0_shot"])
     return path

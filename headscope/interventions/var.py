@@ -32,9 +32,12 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from headscope import hooks, vision
+from headscope import vision
 from headscope.cache import attention_pattern
 from headscope.errors import HeadscopeError
+from headscope.heads import head_masks
+from headscope.hf.attention import kernel_arguments, stock_attention
+from headscope.hf.inputs import cached_length
 
 DEFAULT_STRENGTH = 0.6  # p
 DEFAULTS = {"dims": [], "tau": 20.0, "rho": 0.5, "min_image_mass": 0.2, "first_layer": 2, "layers": None,
@@ -104,11 +107,8 @@ class _Run:
         g = hm.geometry
         chosen = self.opts["layers"]
         self.layers = set(range(int(self.opts["first_layer"]), g.n_layers) if chosen is None else chosen)
-        heads = torch.ones(g.n_layers, g.n_heads, dtype=torch.bool)
-        if edit.heads:
-            heads[:] = False
-            for layer, head in edit.heads:
-                heads[layer, head] = True
+        heads = head_masks(edit.heads, g.n_layers, g.n_heads) if edit.heads else torch.ones(g.n_layers, g.n_heads,
+                                                                                            dtype=torch.bool)
         self.heads = heads.view(g.n_layers, 1, g.n_heads, 1)  # per layer: [1, H, 1]
         self.token = vision.require_vision(hm, "VAR")
         self.image = self.real = self.last_image = self.step = None
@@ -121,9 +121,7 @@ class _Run:
     # ------------------------------------------------------------------ prefill bookkeeping
     def see_inputs(self, kwargs: dict) -> None:
         ids = kwargs.get("input_ids")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.2x names it "cache"
-        cached = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-        if cached:
+        if cached_length(kwargs) > 0:
             return
         if ids is None:
             raise HeadscopeError("VAR needs input_ids (to find the image tokens); the model was called with "
@@ -170,7 +168,7 @@ class _Run:
         if (self.edit.scope == "prefill" and q_offset > 0) or (self.edit.scope == "decode" and q_offset == 0):
             return None
         dev = query.device
-        args = hooks.kernel_arguments(module, query, mask, scaling, kwargs)
+        args = kernel_arguments(module, query, mask, scaling, kwargs)
         dense = B * H * n_q * n_k <= DENSE_SCORES
         # rows to compute: all of them when dense, else from the first image's end on (streamed)
         last_image = self.last_image.to(dev)
@@ -201,7 +199,7 @@ class _Run:
         edited, chosen = _redistribute_streamed(query[:, :, lo:], key, value, args, self.sinks[layer].to(query.device),
                                                 self.image.to(query.device), eligible, self.rule,
                                                 key.shape[2] - n_q + lo)
-        stock = hooks.stock_attention(module, query, key, value, mask, scaling, **kwargs)  # [B, q, H, d]
+        stock = stock_attention(module, query, key, value, mask, scaling, **kwargs)  # [B, q, H, d]
         kept = torch.where(chosen.transpose(1, 2).unsqueeze(-1), edited.transpose(1, 2).to(stock.dtype), stock[:, lo:])
         return torch.cat([stock[:, :lo], kept], dim=1), chosen
 

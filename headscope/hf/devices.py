@@ -9,6 +9,8 @@ through :func:`weight`, never through ``module.weight`` directly.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from headscope.errors import HeadscopeError
@@ -41,8 +43,6 @@ def weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
 
 def parse_device_map(text: str | None):
     """The CLI's ``--device-map``: "auto" / "balanced" / "sequential", or JSON ``{"module": device}``."""
-    import json
-
     if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
         return text
     try:
