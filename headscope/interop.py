@@ -26,22 +26,26 @@ mark rows >= it as decode rows) with the same formula as headscope's hooks
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
 
 from headscope import hooks, remote
 from headscope.errors import HeadscopeError
-from headscope.interventions.edits import Z_KINDS, Edit, _patch_values, _Positions, apply_z_edit, edit_weights
+from headscope.interventions import registry
+from headscope.interventions.edits import Edit, _patch_values, _Positions, apply_z_edit, edit_weights
+from headscope.model import HeadModel
 
 
 def _z_edits(edits: Edit | Sequence[Edit]) -> list[Edit]:
     edits = [edits] if isinstance(edits, Edit) else list(edits)
-    bad = [e.kind for e in edits if e.kind not in Z_KINDS]
+    remote_kinds = registry.remote_kinds()  # the kinds headscope.remote runs (EditKind.remote)
+    bad = [e.kind for e in edits if e.kind not in remote_kinds]
     if bad:
         raise HeadscopeError(
             f"edit kind(s) {bad} change the attention itself and need headscope's attention hook; "
-            f"nnsight traces and TransformerLens hooks run only {list(Z_KINDS)}. Use headscope.interventions.intervene"
+            f"nnsight traces and TransformerLens hooks run only {list(remote_kinds)}. Use headscope.interventions.intervene"
         )
     return edits
 
@@ -76,8 +80,6 @@ def _hf(lm) -> torch.nn.Module:
 
 
 def _geometry(model):
-    from headscope.model import HeadModel
-
     return HeadModel(model).geometry
 
 
@@ -188,8 +190,7 @@ def bridge_from_hf(model, tokenizer=None):
     The bridge replaces the model's submodules in place (and may switch it to eager attention):
     pass a copy (``copy.deepcopy(model)``) to keep using the original with headscope.
     """
-    import copy
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
+    from transformer_lens.model_bridge.sources import build_bridge_from_module  # optional dependency
 
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     return build_bridge_from_module(model, archs[0], hf_config=copy.deepcopy(model.config), tokenizer=tokenizer)

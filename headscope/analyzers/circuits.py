@@ -30,6 +30,7 @@ from headscope.progress import tqdm
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel, head_masks
 from headscope.scores import HeadScores
+from headscope.analyzers import registry
 from headscope.sharding import Shard, as_part, batches, owned
 from headscope.tasks.circuit_pairs import EncodedPairs
 
@@ -317,3 +318,7 @@ def overlap_figure(a: Iterable[Head], b: Iterable[Head], n_layers: int, n_heads:
               f"Jaccard {stats['jaccard']:.2f}, overlap coefficient {stats['overlap_coefficient']:.2f}",
         xaxis_title="head", yaxis_title="layer", yaxis={"autorange": "reversed"})
     return fig
+
+
+registry.register(registry.Analyzer("activation_patching", activation_patching, doc="activation patching over heads"))
+registry.register(registry.Analyzer("path_patching", path_patching, doc="path patching over sender heads"))

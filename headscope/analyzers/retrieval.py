@@ -33,7 +33,8 @@ from headscope.progress import tqdm
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
-from headscope.sharding import Shard, as_part
+from headscope.analyzers import registry
+from headscope.sharding import Part, Shard, as_part
 from headscope.tasks.needle import NeedleTrial, is_correct, rouge1_recall
 
 VARIANTS = ("teacher-forced", "decode")
@@ -311,3 +312,14 @@ def accuracy_heatmap(records: pd.DataFrame, title: str = "Needle-in-a-haystack a
     )
     fig.update_layout(title=title, xaxis_title="context length (tokens)", yaxis_title="needle depth")
     return fig
+
+
+def join_trials(parts: Sequence[Part]) -> HeadScores:
+    """``headscope merge`` of needle-grid parts: every part's trial runs back in the unsharded run's
+    order, summed as it sums them (:func:`retrieval_result`)."""
+    runs = sorted((batch, k, trial, value) for part in parts for k, (batch, trial, value) in enumerate(part.extra["runs"]))
+    return retrieval_result([(trial, value) for _, _, trial, value in runs], parts[0].model, parts[0].params)
+
+
+registry.register(registry.Analyzer("retrieval", retrieval_heads, join=join_trials,
+                                    doc="retrieval heads (Wu et al. 2024)"))

@@ -130,45 +130,6 @@ def token_vhd(hm: HeadModel, image, prompt: str, max_new_tokens: int = 16, top_k
                          "t_vhd": value.cpu().numpy()})
 
 
-@torch.no_grad()
-def vhr_generate(hm: HeadModel, image, prompt: str, alpha: float = 2.0, *, layers: Sequence[int] | None = None,
-                 reselect: bool = False, max_new_tokens: int = 16, filter_outliers: bool = True):
-    """VHR (He et al. 2025) with the heads chosen from this input's own VHD: once at prefill and
-    reused at every step (the reference, through generate() with its KV cache), or re-chosen before
-    every step (``reselect=True``, the paper's text; a greedy loop without cache, two extra forwards
-    per step). Returns (new token ids [T], the heads used at each step)."""
-    from headscope.interventions import Edit, intervene
-
-    if not math.isfinite(alpha) or alpha == 0:
-        raise HeadscopeError(f"alpha must be a finite non-zero factor (VHR's default is 2.0); got {alpha}")
-    batch = vision.encode(hm, [image], [prompt])
-    layers = default_layers(hm.geometry.n_layers) if layers is None else list(layers)
-    n = batch["input_ids"].shape[1]
-
-    def choose(inputs) -> list[Head]:
-        vhd, txt = head_divergence(hm, inputs)
-        v = outlier_filter(vhd[0], txt[0]) if filter_outliers else vhd[0]
-        return select_heads(HeadScores(v, method="vhd", params={"layers": layers}))
-
-    heads = choose(batch)
-    if not reselect:
-        with intervene(hm, Edit("scale", heads, strength=alpha)):
-            out = hm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=vision.pad_id(hm))
-        return out[0, n:], [heads] * (out.shape[1] - n)
-    ids, used = batch["input_ids"], []
-    eos = hm.tokenizer.eos_token_id if hm.tokenizer is not None else None
-    for _ in range(max_new_tokens):
-        inputs = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
-        heads = heads if not used else choose(inputs)
-        used.append(heads)
-        with intervene(hm, Edit("scale", heads, strength=alpha)):
-            token = hm.model(**inputs).logits[0, -1].argmax()
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        if eos is not None and int(token) == eos:
-            break
-    return ids[0, n:], used
-
-
 # ----------------------------------------------------------------------------------- head pursuit
 @torch.no_grad()
 def image_head_writes(hm: HeadModel, images: Sequence, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 
+from headscope.cli.registry import task
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
 from headscope.validate import positive_int, read_text
 
-TASKS = ("pursuit",)
-DEFAULT_MODEL = "topics"
 
-
+@task("pursuit", default_model="topics")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--concept", required=True, help="text file: the concept's words, one per line")
     parser.add_argument("--text", help="prompts, one per line (default: the organism's shipped prompts, else "
@@ -26,7 +25,7 @@ def add_arguments(parser, command: str) -> None:
 
 
 def check(args) -> None:
-    from headscope.commands.sinks import read_texts
+    from headscope.cli.tasks.sinks import read_texts
 
     read_text(args.concept, "concept file")
     if args.text:
@@ -44,7 +43,7 @@ def score(args, hm):
 
     shipped = zoo.organism_info(args.model).get("prompts")
     if args.text or shipped:
-        from headscope.commands.sinks import read_texts
+        from headscope.cli.tasks.sinks import read_texts
 
         texts = read_texts(args.text or zoo.organism_path(args.model) / shipped)
     else:

@@ -6,12 +6,11 @@ head_detector semantics, scored on repeated random token sequences (like TL's de
 
 from __future__ import annotations
 
+from headscope.cli.registry import task
 from headscope.validate import positive_int
 
-TASKS = ("induction", "previous-token", "duplicate-token")
-DEFAULT_MODEL = "retrieval"
 
-
+@task("induction", "previous-token", "duplicate-token", default_model="retrieval")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--sequences", type=positive_int, default=10, help="random sequences")
     parser.add_argument("--half-length", type=int, default=None,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.cli import add_device_arguments, load_model
-from headscope.commands.icl import add_prompt_arguments, prompt_format
+from headscope.cli.common import add_device_arguments, load_model
+from headscope.cli.tasks.icl import add_prompt_arguments, prompt_format
 from headscope.errors import HeadscopeError
+from headscope.methods.soft_injection import fit_soft_selection, task_embedding
+from headscope.tasks.icl import IclTask
 from headscope.validate import positive_int
 
 NAME = "inject"
@@ -40,9 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from headscope.interventions.soft_injection import fit_soft_selection, task_embedding
-    from headscope.tasks.icl import IclTask
-
     if args.lr <= 0:
         raise HeadscopeError(f"--lr must be > 0; got {args.lr:g}")
     task = IclTask.load(args.task, seed=args.split_seed)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+from headscope.cli.registry import task
 from headscope.validate import number_list
 
-TASKS = ("vhd",)
-DEFAULT_MODEL = "vision"
 
-
+@task("vhd", default_model="vision")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--images", required=command == "score", help="folder of PNG/JPEG images")
     parser.add_argument("--prompts", required=command == "score",

@@ -6,14 +6,13 @@ import argparse
 
 import numpy as np
 
+from headscope.cli.registry import task
 from headscope import zoo
 from headscope.errors import HeadscopeError
 from headscope.validate import number_list
 
-TASKS = ("needle",)
-DEFAULT_MODEL = "retrieval"
 
-
+@task("needle", default_model="retrieval")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--lengths", type=number_list(int, positive=True), help="context lengths in tokens, comma-separated")
     parser.add_argument("--depths", type=number_list(float), help="needle depths in percent, comma-separated")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 
+from headscope.cli.registry import task
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES
 from headscope.validate import positive_int
 
-TASKS = ("safety",)
-DEFAULT_MODEL = "refusal"
 METHODS = ("ships", "sahara", "generalized-ships")
 
 
+@task("safety", default_model="refusal")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--prompts", help="harmful queries: CSV, JSONL or one per line (default: the organism's held-out set)")
     parser.add_argument("--column", help="CSV column / JSON field with the query (AdvBench: goal, JailbreakBench: Goal)")

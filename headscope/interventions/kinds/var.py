@@ -27,34 +27,62 @@ padding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 import torch
+from PIL import Image
+from headscope_kernels import attention_with_stats
 
 from headscope import hooks, vision
+from headscope.analyzers.sinks import massive_mask, sink_scores
 from headscope.cache import attention_pattern
 from headscope.errors import HeadscopeError
+from headscope.interventions import registry
+from headscope.interventions.edits import Edit
 
 DEFAULT_STRENGTH = 0.6  # p
-DEFAULTS = {"dims": [], "tau": 20.0, "rho": 0.5, "min_image_mass": 0.2, "first_layer": 2, "layers": None,
-            "first_token_sink": True}
+
+
+def _finite(name: str, value, lo: float = -math.inf, hi: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+        where = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo:g}, {hi:g}]"
+        raise HeadscopeError(f"VAR option {name} must be a finite number{where}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class VarOptions:
+    """VAR's options (Kang et al. 2025's defaults); ranges checked here, before any model loads."""
+
+    dims: list = field(default_factory=list)  # massive dims of the model (massive_dims), never a fixed list
+    tau: float = field(default=20.0, metadata={"help": "visual-sink threshold on phi"})
+    rho: float = field(default=0.5, metadata={"help": "max sink share of image attention, in [0, 1]"})
+    min_image_mass: float = field(default=0.2, metadata={"help": "min image attention of a row, in [0, 1]"})
+    first_layer: int = 2
+    layers: list | None = None
+    first_token_sink: bool = True
+
+    def __post_init__(self):
+        _finite("tau", self.tau)
+        _finite("rho", self.rho, 0.0, 1.0)
+        _finite("min_image_mass", self.min_image_mass, 0.0, 1.0)
+        if not isinstance(self.dims, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in self.dims):
+            raise HeadscopeError(f"VAR dims must be hidden-dimension indices (ints); got {self.dims!r}")
+        if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
+            raise HeadscopeError(f"VAR option first_layer must be a layer index >= 0; got {self.first_layer!r}")
+        if self.layers is not None and not all(isinstance(l, int) and l >= 0 for l in self.layers):
+            raise HeadscopeError(f"VAR option layers must be layer indices (ints); got {self.layers!r}")
+        if not isinstance(self.first_token_sink, bool):
+            raise HeadscopeError(f"VAR option first_token_sink must be true or false; got {self.first_token_sink!r}")
 
 
 def check(edit) -> None:
-    """Validate a var edit's options and strength (called by Edit)."""
-    unknown = set(edit.options) - set(DEFAULTS)
-    if unknown:
-        raise HeadscopeError(f"unknown VAR option(s) {sorted(unknown)}; choose from {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **edit.options}
+    """Rules of a var edit beyond its options' ranges (called by Edit)."""
     p = edit.strength
     if isinstance(p, torch.Tensor) or isinstance(p, list) or not (0.0 <= float(p) <= 1.0):
         raise HeadscopeError(f"VAR's p (strength) must be one number in [0, 1]; got {p!r}")
-    for name in ("tau", "rho", "min_image_mass"):
-        if not isinstance(opts[name], (int, float)) or not math.isfinite(opts[name]):
-            raise HeadscopeError(f"VAR option {name} must be a finite number; got {opts[name]!r}")
-    if not all(isinstance(d, int) for d in opts["dims"]):
-        raise HeadscopeError(f"VAR dims must be hidden-dimension indices (ints); got {opts['dims']!r}")
     if edit.positions != "all":
         raise HeadscopeError("VAR chooses its own rows (queries after the image); leave positions='all'")
 
@@ -63,8 +91,6 @@ def check(edit) -> None:
 def massive_dims(hm, batch: dict, threshold: float = 100.0, ratio: float = 1000.0) -> list[int]:
     """Hidden dims carrying massive activations (Sun et al. 2024) in the layers' residual inputs for
     these model inputs: the sink analyzer's criterion, on an image-text batch."""
-    from headscope.analyzers.sinks import massive_mask
-
     out = hm.model(**vision.with_positions(hm, batch), output_hidden_states=True)
     mask = batch.get("attention_mask")
     dims: set[int] = set()
@@ -78,11 +104,22 @@ def massive_dims(hm, batch: dict, threshold: float = 100.0, ratio: float = 1000.
 def var_edit(hm, batch: dict, p: float = DEFAULT_STRENGTH, *, threshold: float = 100.0, ratio: float = 1000.0,
              heads=(), scope: str = "both", **options):
     """A VAR edit for this model, its massive dims found on ``batch`` (model inputs with images)."""
-    from headscope.interventions.edits import Edit
-
     vision.require_vision(hm, "VAR")
     dims = massive_dims(hm, batch, threshold, ratio)
     return Edit("var", list(heads), strength=p, scope=scope, options={"dims": dims, **options})
+
+
+def calibration_inputs(hm) -> dict:
+    """A mid-grey image under a bare image prompt: where the massive-activation search for VAR looks
+    (massive dims are a property of the model, found on any input; Sun et al. 2024)."""
+    return vision.encode(hm, [Image.new("RGB", (224, 224), (128, 128, 128))], [vision.placeholder(hm)])
+
+
+def _build(args, hm, rng, heads) -> list[Edit]:
+    """``--var``: VAR on every head, its massive dims found on :func:`calibration_inputs`."""
+    vision.require_vision(hm, "--var")
+    options = {f.name: getattr(args, f"var_{f.name}") for f in KIND.cli_options(KIND.flags[0])}
+    return [var_edit(hm, calibration_inputs(hm), p=args.var_p, **options)]
 
 
 class Rule(NamedTuple):
@@ -99,7 +136,7 @@ class _Run:
     def __init__(self, hm, edit):
         self.hm = hm
         self.edit = edit
-        self.opts = {**DEFAULTS, **edit.options}
+        self.opts = dataclasses.asdict(edit.config)
         self.rule = Rule(float(self.opts["min_image_mass"]), float(self.opts["rho"]), float(edit.strength))
         g = hm.geometry
         chosen = self.opts["layers"]
@@ -139,8 +176,6 @@ class _Run:
     def see_residual(self, layer: int, hidden: torch.Tensor) -> None:
         if layer not in self.layers or self.image is None or hidden.shape[1] != self.image.shape[1]:
             return
-        from headscope.analyzers.sinks import sink_scores
-
         dims = self.opts["dims"]
         sinks = torch.zeros_like(self.image)
         if dims:
@@ -239,8 +274,6 @@ def _redistribute_dense(query, key, value, args, key_sets, moves, eligible, rule
 def _redistribute_streamed(query, key, value, args, sinks, image, eligible, rule, q_offset):
     """VAR through the fused kernel (``reweight``), no [H, N, N] pattern: the output [B, H, rows, d]
     and the rows chosen [B, H, rows]."""
-    from headscope_kernels import attention_with_stats
-
     n_k = key.shape[2]
     sinks, image = _pad(sinks, n_k), _pad(image, n_k)
     groups = torch.where(sinks, 0, torch.where(image, 1, -1)).long()
@@ -285,8 +318,15 @@ def _mass_on(query, key, args, lse, keys: torch.Tensor, rows: torch.Tensor) -> t
 
 
 @contextlib.contextmanager
-def apply(hm, edit, state=None) -> Iterator[_Run]:
+def apply(hm, edit, state=None, prepared=None) -> Iterator[_Run]:
     """Install VAR for the block's duration (used by ``intervene``); yields its run state."""
     run = _Run(hm, edit)
     with hm.watch_inputs(run.see_inputs), hm.watch_residual(run.see_residual), hm.edit_attention(run.attention):
         yield run
+
+
+KIND = registry.register(registry.EditKind(
+    "var", apply, doc=__doc__, options=VarOptions, default_strength=DEFAULT_STRENGTH, check=check,
+    flags=(registry.CliFlag("var", "VAR: move attention off sink tokens onto the rest of the image (Kang et al. 2025)",
+                            _build, strength="var-p"),),
+))

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 
+from headscope.cli.registry import task
 from headscope import zoo
 from headscope.errors import HeadscopeError
 from headscope.validate import positive_int
 
-TASKS = ("hallucination",)
-DEFAULT_MODEL = "vision"
 
-
+@task("hallucination", default_model="vision")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--scenes", type=positive_int, default=None,
                         help="held-out partner-absent scenes (default: the organism's held-out count, else 100)")

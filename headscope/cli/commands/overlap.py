@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from headscope.validate import positive_int
+from pathlib import Path
+
+from headscope.analyzers.circuits import circuit, overlap, overlap_figure
+from headscope.errors import HeadscopeError
+from headscope.heads import format_heads
+from headscope.scores import HeadScores
+from headscope.validate import positive_int, write_whole
 
 NAME = "overlap"
 HELP = "overlap of two circuits given as ranking CSVs (shared heads, Jaccard, overlap coefficient)"
@@ -20,12 +26,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from headscope.analyzers.circuits import circuit, overlap, overlap_figure
-    from headscope.errors import HeadscopeError
-    from headscope.heads import format_heads
-    from headscope.scores import HeadScores, _write_whole
-    from pathlib import Path
-
     a, b = HeadScores.from_csv(args.a), HeadScores.from_csv(args.b)
     if a.scores.shape != b.scores.shape:
         raise HeadscopeError(f"{args.a} is {tuple(a.scores.shape)} and {args.b} is {tuple(b.scores.shape)}: "
@@ -41,6 +41,6 @@ def run(args) -> int:
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     if args.plot:
         fig = overlap_figure(ca, cb, a.n_layers, a.n_heads, names=(Path(args.a).stem, Path(args.b).stem))
-        _write_whole(Path(args.plot), fig.to_html(include_plotlyjs="cdn"))
+        write_whole(Path(args.plot), fig.to_html(include_plotlyjs="cdn"))
         print(f"wrote {args.plot}")
     return 0

@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
+from headscope.cli.registry import task
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES, parse_heads
 from headscope.validate import positive_int
 
-TASKS = ("circuit",)
-DEFAULT_MODEL = "retrieval"
 
-
+@task("circuit", default_model="retrieval")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--pairs", help='JSONL: {"clean", "corrupt", "answer", "wrong"} per line')
     parser.add_argument("--generate", choices=("ioi", "colored-objects"), help="use a shipped task generator")

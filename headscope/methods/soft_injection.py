@@ -1,6 +1,7 @@
 """Soft injection of task embeddings (Park & Rhee 2025, "Soft Head Selection for Injecting
 ICL-Derived Task Embeddings"; docs/METHODS.md, "Soft injection") and the function-vector baseline
-(Todd et al. 2024)::
+(Todd et al. 2024): the fitting recipe. The injection itself is the ``inject`` edit kind
+(headscope.interventions.kinds.inject, with the TaskEmbedding file)::
 
     task = IclTask.load("antonym.jsonl")
     emb = task_embedding(hm, task)                         # mean z at the last token, 50 10-shot prompts
@@ -18,18 +19,24 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+import pandas as pd
+
 from headscope.errors import HeadscopeError
-from headscope.validate import write_whole
 from headscope.interventions.edits import Edit, intervene
+from headscope.interventions.kinds.inject import TaskEmbedding
+from headscope.model import HeadModel
 from headscope.scores import HeadScores
+from headscope.validate import write_whole
 from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
+
+__all__ = ["TaskEmbedding", "accuracy", "task_embedding", "fit_soft_selection", "function_vector_heads",
+           "compare_methods", "prompt_cost", "organism_ground_truth"]
 
 
 # ------------------------------------------------------------------------------------- model calls
@@ -59,90 +66,6 @@ def accuracy(hm, task: IclTask, k: int, *, fmt: PromptFormat = PromptFormat(), s
         probs.append(logits.softmax(-1).gather(1, target[:, None])[:, 0])
     acc = torch.cat(hits).mean().item()
     return (acc, torch.cat(probs).mean().item()) if return_probs else acc
-
-
-# ------------------------------------------------------------------------------------- embeddings
-@dataclass
-class TaskEmbedding:
-    """Mean head outputs m [layers, heads, head_dim] of a task, the learned alphas [layers, heads]
-    (None until fitted) and what made them (model, task, k, n, template, seed, ...)."""
-
-    vectors: torch.Tensor
-    meta: dict = field(default_factory=dict)
-    alphas: torch.Tensor | None = None
-
-    def check(self, hm) -> None:
-        g = hm.geometry
-        if tuple(self.vectors.shape) != (g.n_layers, g.n_heads, g.head_dim):
-            raise HeadscopeError(
-                f"the task embedding was made for {self.meta.get('model', 'another model')} with "
-                f"[layers, heads, head_dim] = {list(self.vectors.shape)}; {hm.name} has "
-                f"[{g.n_layers}, {g.n_heads}, {g.head_dim}]; fit one for this model (headscope inject fit --model ...)"
-            )
-
-    def edit(self, alphas: torch.Tensor | float | None = None, heads=None) -> Edit:
-        """The injection as an :class:`Edit` (last prompt token, prefill only). ``alphas``: [layers,
-        heads] (default: the learned ones), or one number for every head; ``heads``: only these
-        (alpha = 1 unless given)."""
-        L, H = self.vectors.shape[:2]
-        if heads is not None:
-            heads = [tuple(h) for h in heads]
-            strength = 1.0 if alphas is None else alphas
-            return Edit("inject", heads, strength, positions="last", scope="prefill", source=self.vectors)
-        if alphas is None:
-            if self.alphas is None:
-                raise HeadscopeError("this task embedding has no learned alphas; fit them (fit_soft_selection) or pass alphas")
-            alphas = self.alphas
-        if not isinstance(alphas, torch.Tensor):
-            alphas = torch.full((L, H), float(alphas))
-        all_heads = [(l, h) for l in range(L) for h in range(H)]
-        return Edit("inject", all_heads, alphas.reshape(-1), positions="last", scope="prefill", source=self.vectors)
-
-    def scores(self) -> HeadScores:
-        """The learned alphas as a HeadScores (rank, export, plot, overlap)."""
-        if self.alphas is None:
-            raise HeadscopeError("this task embedding has no learned alphas; fit them first")
-        params = {k: v for k, v in self.meta.items() if k not in ("model",)}
-        return HeadScores(self.alphas, "soft_injection_alpha", self.meta.get("model", ""), params)
-
-    def save(self, path) -> Path:
-        """One safetensors file; the metadata (JSON values) sits in its header. Written whole."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {"vectors": self.vectors.contiguous().float().cpu()}
-        if self.alphas is not None:
-            tensors["alphas"] = self.alphas.detach().contiguous().float().cpu()
-        header = {k: json.dumps(v) for k, v in self.meta.items()}
-        return write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-    @classmethod
-    def load(cls, path) -> "TaskEmbedding":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise HeadscopeError(f"task embedding {path} does not exist or is not a file; make one with `headscope inject fit`")
-        try:
-            with safe_open(str(path), "pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise HeadscopeError(f"{path} is not a safetensors task embedding ({exc}); make one with `headscope inject fit`") from None
-        if "vectors" not in tensors:
-            raise HeadscopeError(f"{path} holds no 'vectors' tensor; make it with `headscope inject fit`")
-        vectors, alphas = tensors["vectors"], tensors.get("alphas")
-        if vectors.dim() != 3 or (alphas is not None and tuple(alphas.shape) != tuple(vectors.shape[:2])):
-            raise HeadscopeError(f"{path}: vectors must be [layers, heads, head_dim] and alphas [layers, heads]; got "
-                                 f"{list(vectors.shape)} and {None if alphas is None else list(alphas.shape)}")
-        if not all(bool(t.float().isfinite().all()) for t in (vectors, alphas) if t is not None):
-            raise HeadscopeError(f"{path} holds NaN or infinite values; fit the embedding again (headscope inject fit)")
-        try:
-            meta = {k: json.loads(v) for k, v in header.items()}
-        except json.JSONDecodeError:
-            raise HeadscopeError(f"{path}: its header metadata is not the JSON `headscope inject fit` writes; "
-                                 "make the file with `headscope inject fit`") from None
-        return cls(vectors, meta, alphas)
 
 
 @torch.no_grad()
@@ -305,10 +228,6 @@ def prompt_cost(hm, task: IclTask, k: int, *, fmt: PromptFormat = PromptFormat()
 def organism_ground_truth(folder, *, k: int = 10, n: int = 40, seed: int = 0) -> Path:
     """``ground_truth.csv`` of the icl organism: per head and task, 10-shot test accuracy with the
     head's output zeroed minus without (negative = the head helps), and the mean over tasks."""
-    import pandas as pd
-
-    from headscope.model import HeadModel
-
     folder = Path(folder)
     hm = HeadModel.load(str(folder))
     info = json.loads((folder / "organism.json").read_text())
@@ -322,13 +241,11 @@ def organism_ground_truth(folder, *, k: int = 10, n: int = 40, seed: int = 0) ->
                 row[f"effect_{t.name}"] = round(accuracy(hm, t, k, n=n, seed=seed) - base[t.name], 4)
         row["effect"] = round(sum(row[f"effect_{t.name}"] for t in tasks) / len(tasks), 4)
         rows.append(row)
-    from headscope.scores import _write_whole
-
     path = folder / "ground_truth.csv"
-    _write_whole(path, pd.DataFrame(rows).to_csv(index=False))
+    write_whole(path, pd.DataFrame(rows).to_csv(index=False))
     info.setdefault("training", {})["accuracy_10_shot"] = {t: round(a, 4) for t, a in base.items()}
     info["training"]["accuracy_0_shot"] = {t.name: round(accuracy(hm, t, 0, n=n, seed=seed), 4) for t in tasks}
     info["ground_truth"] = f"effect of zeroing each head alone on {k}-shot test accuracy ({n} prompts per task, seed {seed})"
-    _write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
+    write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
     print("10-shot accuracy:", info["training"]["accuracy_10_shot"], " 0-shot:", info["training"]["accuracy_0_shot"])
     return path

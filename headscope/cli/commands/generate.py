@@ -1,12 +1,13 @@
-"""``headscope generate``: generate text with heads ablated, reweighted, a task embedding injected, or with DeCoRe decoding.
+"""``headscope generate``: generate text with heads edited (every edit kind's flags), or with DeCoRe decoding.
 
     headscope generate --model M --prompt "..." [--ablate r.csv --top K | --scale r.csv --top K --alpha A
                        | --decore r.csv --top K] [--max-new-tokens N]
     headscope generate --model M --prompt "..." --ablate --heads L1H5,L1H4    # heads by name
     headscope generate --model M --image I --prompt "USER: <image> ..." [--vhr vhd.csv] [--var] [--edits e.json]
 
-The edit flags (``--edits``, ``--vhr``, ``--var``, ``--inject``: ``headscope.commands.edit_flags``) compose with
---ablate / --scale.
+The edit flags (``--ablate``, ``--scale``, ``--edits``, ``--vhr``, ``--var``, ``--inject``: generated
+from the edit-kind registry by ``headscope.cli.edit_flags``) compose. DeCoRe is a method that owns
+the decoding loop (headscope.methods.decore), not an edit.
 
 The last line printed is the generated continuation.
 """
@@ -17,9 +18,13 @@ import argparse
 
 import torch
 
-from headscope.commands import edit_flags
-from headscope.cli import add_device_arguments, add_heads_arguments, load_model
+from headscope import vision
+from headscope.cli import edit_flags
+from headscope.cli.common import add_device_arguments, check_edit_heads, edit_heads, edit_mode, load_model
 from headscope.errors import HeadscopeError
+from headscope.heads import format_heads
+from headscope.interventions import intervene
+from headscope.methods.decore import decore_generate
 from headscope.validate import positive_int
 
 NAME = "generate"
@@ -33,41 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_arguments(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=positive_int, default=16)
-    parser.add_argument("--ablate", metavar="CSV", nargs="?", const="",
-                        help="ablate this ranking's --top K heads (or, without CSV, the --heads named)")
-    parser.add_argument("--ablation", choices=("zero", "uniform"), default="zero")
-    parser.add_argument("--scale", metavar="CSV", nargs="?", const="",
-                        help="multiply the output of this ranking's top heads (or the --heads named) by --alpha")
-    parser.add_argument("--alpha", type=float, default=2.0, help="with --scale: the factor (negative allowed)")
+    edit_flags.add_arguments(parser)
     parser.add_argument("--decore", metavar="CSV", nargs="?", const="",
                         help="DeCoRe: contrast with this ranking's top heads (or the --heads named) masked")
     parser.add_argument("--decore-alpha", type=float, default=None, help="fixed DeCoRe alpha (default: entropy)")
-    add_heads_arguments(parser)
     parser.add_argument("--scope", choices=("both", "prefill", "decode"), default="both",
                         help="with --ablate/--scale: edit the prompt, the generated tokens, or both")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0)
-    edit_flags.add_arguments(parser)
 
 
 def run(args) -> int:
-    from headscope.interventions import Edit, intervene
-    from headscope.interventions.decore import decore_generate
-    from headscope.cli import check_edit_heads, edit_heads, edit_mode
-    from headscope.heads import format_heads
-
-    mode = edit_mode(args)
+    mode = edit_mode(args, [flag.name for _, flag in edit_flags.heads_flags()] + ["decore"])
     check_edit_heads(args, mode)
     if args.image is not None:
-        from headscope import vision
-
         vision.load_image(args.image)
     hm = load_model(args)
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; generate needs one to encode the prompt")
     if args.image is not None:
-        from headscope import vision
-
         inputs = vision.encode(hm, [args.image], [args.prompt])
     else:
         inputs = {"input_ids": torch.tensor([hm.tokenizer(args.prompt)["input_ids"]], device=hm.device)}
@@ -78,7 +67,7 @@ def run(args) -> int:
     tok = hm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     torch.manual_seed(args.seed)
-    if mode == "decore":
+    if mode == "decore":  # a method with its own decoding loop
         if flagged or args.image is not None:
             raise HeadscopeError("--decore runs its own decoding loop on text prompts; drop --image/--vhr/--var/--edits")
         print(f"DeCoRe, masking {format_heads(heads)}")
@@ -87,12 +76,10 @@ def run(args) -> int:
                               eos_token_id=tok.eos_token_id, pad_token_id=pad).sequences
     else:
         edits = []
-        if mode == "ablate":
-            edits = [Edit("zero" if args.ablation == "zero" else "uniform", heads, scope=args.scope)]
-            print(f"ablating ({args.ablation}, {args.scope}) {format_heads(heads)}")
-        elif mode == "scale":
-            edits = [Edit("scale", heads, strength=args.alpha, scope=args.scope)]
-            print(f"scaling by {args.alpha:g} ({args.scope}) {format_heads(heads)}")
+        if mode != "none":
+            edits = edit_flags.heads_edits(args, hm, mode, heads)
+            verb, details = edit_flags.describe(args, mode)
+            print(f"{verb} ({', '.join(details + [args.scope])}) {format_heads(heads)}")
         for edit in flagged:
             print(f"edit: {edit.kind} on {len(edit.heads) or 'all'} heads, strength {edit.strength}"
                   + (f", options {edit.options}" if edit.options else ""))

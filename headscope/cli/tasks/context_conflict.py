@@ -12,22 +12,21 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from headscope.cli.registry import task
 from headscope.progress import tqdm
 
 from headscope import zoo
 from headscope.errors import HeadscopeError
 from headscope.validate import positive_int
 
-TASKS = ("context-conflict",)
-DEFAULT_MODEL = "context_conflict"
-SUPPORTS_DECORE = True
 SCORE_SEED = 99  # the scoring prompts are drawn apart from the evaluation prompts (seed 1234)
 
 
+@task("context-conflict", default_model="context_conflict", supports_decore=True)
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--prompts", type=positive_int, default=192, help="number of swapped-context prompts")
     if command == "score":
-        from headscope.commands.needle import add_retrieval_arguments
+        from headscope.cli.tasks.needle import add_retrieval_arguments
 
         add_retrieval_arguments(parser)
     else:
@@ -50,7 +49,7 @@ def trials(args, hm, seed: int):
 def score(args, hm):
     from headscope.analyzers.retrieval import retrieval_heads
 
-    from headscope.commands.needle import retrieval_options
+    from headscope.cli.tasks.needle import retrieval_options
 
     return retrieval_heads(hm, trials(args, hm, SCORE_SEED), **retrieval_options(args))
 
@@ -65,7 +64,7 @@ def _by_length(items):
 @torch.no_grad()
 def first_tokens(hm, items, batch_size: int = 8, decore_heads=None, decore_alpha=None, progress=False) -> list[int]:
     """The first token each prompt is answered with: greedy generate(), or DeCoRe with ``decore_heads``."""
-    from headscope.interventions.decore import decore_generate
+    from headscope.methods.decore import decore_generate
 
     out = [0] * len(items)
     pad = hm.tokenizer.pad_token_id or 0

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.commands import safety
-
-TASKS = ("refusal",)
-DEFAULT_MODEL = "refusal"
+from headscope.cli.registry import task
+from headscope.cli.tasks import safety
 
 
+@task("refusal", default_model="refusal")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     safety.add_arguments(parser, command)
 

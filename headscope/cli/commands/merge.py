@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from headscope.sharding import merge
+
 NAME = "merge"
 HELP = "join the parts of a sharded sweep (score --shard I/N) into the ranking one run gives"
 
@@ -21,8 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from headscope.sharding import merge
-
     scores = merge(args.parts)
     print(f"{scores.method} scores of {scores.model}, merged from {len(args.parts)} parts")
     print(scores.to_frame().head(args.show).to_string(index=False, float_format=lambda x: f"{x:.4f}"))

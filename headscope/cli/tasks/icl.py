@@ -6,19 +6,18 @@ k-shot (``--shots``) or 0-shot with task embeddings injected (``--inject``, Park
     headscope eval --task icl --model icl --tasks next.jsonl --inject next.safetensors
 
 The last line is the accuracy averaged over the task files (first-token exact match on the test split).
-``--inject`` (like every edit flag, headscope.commands.edit_flags) applies around the whole evaluation.
+``--inject`` (like every edit flag, headscope.cli.tasks.edit_flags) applies around the whole evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from headscope.cli.registry import task
 from headscope import zoo
 from headscope.errors import HeadscopeError
 from headscope.validate import nonnegative_int, positive_int
 
-TASKS = ("icl",)
-DEFAULT_MODEL = "icl"
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +47,7 @@ def task_files(args) -> list[str]:
     return [str(folder / f) for f in files]
 
 
+@task("icl", default_model="icl")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--tasks", nargs="+", metavar="FILE", help="task JSONL files (default: the organism's)")
     parser.add_argument("--shots", type=nonnegative_int, default=0, help="demonstrations per prompt (0: zero-shot)")
@@ -73,7 +73,7 @@ def check(args) -> None:
 
 
 def evaluate(args, hm) -> dict[str, float]:
-    from headscope.interventions.soft_injection import accuracy
+    from headscope.methods.soft_injection import accuracy
 
     fmt = prompt_format(args)
     values = []

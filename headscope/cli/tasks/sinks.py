@@ -7,11 +7,10 @@ activations and secondary sinks printed as a summary.
 from __future__ import annotations
 
 
+from headscope.cli.registry import task
 from headscope.errors import HeadscopeError
 from headscope.validate import positive_int, read_text
 
-TASKS = ("sinks",)
-DEFAULT_MODEL = "retrieval"
 
 
 def read_texts(path: str | None, default_sentences: int = 8, default_texts: int = 4) -> list[str]:
@@ -28,6 +27,7 @@ def read_texts(path: str | None, default_sentences: int = 8, default_texts: int 
     return texts
 
 
+@task("sinks", default_model="retrieval")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--text", help="text file, one text per line (default: shipped haystack text)")
     parser.add_argument("--eps", type=float, default=0.3, help="sink threshold on alpha (Gu et al.: 0.3)")
