@@ -74,12 +74,12 @@ def unregister(name: str) -> None:
     _ANALYZERS.pop(name, None)
 
 
-def _load() -> None:
+def load(again: bool = False) -> None:
     """The built-in analyzers and those third parties list under the ``headscope.analyzers`` entry
-    points, imported once. Imported here, not at the top: the analyzer modules import this registry
-    (to register), so a top-level import of them would be a cycle."""
+    points, imported once (``again``: look again). Imported here, not at the top: the analyzer
+    modules import this registry (to register), so a top-level import of them would be a cycle."""
     global _loaded
-    if _loaded:
+    if _loaded and not again:
         return
     _loaded = True
     for name in BUILTIN:
@@ -90,7 +90,7 @@ def _load() -> None:
 
 def analyzers() -> dict[str, Analyzer]:
     """Every registered analyzer by name."""
-    _load()
+    load()
     return dict(_ANALYZERS)
 
 

@@ -39,6 +39,8 @@ class Task:
         if self.module is not None:
             self.module.add_arguments(parser, command)
             return
+        if command != "score":  # an analyzer scores heads; it has no metric to evaluate
+            return
         for f in self.analyzer.cli_options():
             add_option(parser, "--" + f.name.replace("_", "-"), f, self.name)
 

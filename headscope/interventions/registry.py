@@ -75,6 +75,11 @@ class EditKind:
     remote: bool = False
     aliases: tuple[str, ...] = ()
     flags: tuple[CliFlag, ...] = field(default=())
+    label: str = ""  # how errors name the kind (default: its name), e.g. "VAR"
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
     def make_options(self, values: dict | None) -> Any:
         """The options dataclass for ``values`` (defaults filled in); its ``__post_init__`` checks ranges."""
@@ -89,10 +94,6 @@ class EditKind:
             return self.options(**values)
         except TypeError as exc:
             raise HeadscopeError(f"bad {self.label} options {values}: {exc}") from None
-
-    @property
-    def label(self) -> str:
-        return self.name.upper() if len(self.name) <= 4 else self.name
 
     def cli_options(self, flag: CliFlag) -> list[dataclasses.Field]:
         """The option fields ``flag`` exposes on the command line."""
@@ -128,10 +129,11 @@ def unregister(name: str) -> None:
         _ALIASES.pop(alias, None)
 
 
-def load_entry_points() -> None:
-    """Import the modules third parties list in the ``headscope.edit_kinds`` entry-point group (once)."""
+def load_entry_points(again: bool = False) -> None:
+    """Import the modules third parties list in the ``headscope.edit_kinds`` entry-point group (once;
+    ``again``: look again, e.g. after a package was installed in this process)."""
     global _loaded_entry_points
-    if _loaded_entry_points:
+    if _loaded_entry_points and not again:
         return
     _loaded_entry_points = True
     for entry in metadata.entry_points(group=ENTRY_POINTS):

@@ -326,7 +326,7 @@ def apply(hm, edit, state=None, prepared=None) -> Iterator[_Run]:
 
 
 KIND = registry.register(registry.EditKind(
-    "var", apply, doc=__doc__, options=VarOptions, default_strength=DEFAULT_STRENGTH, check=check,
+    "var", apply, doc=__doc__, options=VarOptions, label="VAR", default_strength=DEFAULT_STRENGTH, check=check,
     flags=(registry.CliFlag("var", "VAR: move attention off sink tokens onto the rest of the image (Kang et al. 2025)",
                             _build, strength="var-p"),),
 ))
