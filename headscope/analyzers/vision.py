@@ -10,7 +10,6 @@ VHD in the chosen layers (LLaVA-1.5: the last 14 of 32; here the same share by d
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import pandas as pd

@@ -7,7 +7,7 @@ import argparse
 
 from headscope import devices
 from headscope.errors import HeadscopeError
-from headscope.heads import check_selection, select_heads
+from headscope.heads import check_selection, format_heads, select_heads
 from headscope.model import HeadModel
 from headscope.scores import check_ranking_path
 from headscope.validate import check_output, finite_float, positive_int
@@ -79,20 +79,30 @@ def edit_mode(args, modes: list[str]) -> str:
     mode = chosen[0] if chosen else "none"
     if mode in ("none", "random") and args.heads:
         raise HeadscopeError("--heads names the heads to edit: say what to do with them, e.g. --ablate --heads "
-                             + args.heads + " (or --scale / --decore)")
+                             + format_heads(args.heads) + " (or --scale / --decore)")
     return mode
 
 
 def check_edit_heads(args, mode: str) -> None:
-    """``--MODE CSV --top K`` or ``--MODE --heads NAMES`` checked before the model loads."""
-    if mode not in ("none", "random"):
-        check_selection(names=args.heads, ranking=getattr(args, mode) or None, top=args.top, option="--" + mode)
+    """``--MODE CSV --top K`` or ``--MODE --heads NAMES`` checked before the model loads (--heads
+    arrives parsed: headscope.cli.types.heads)."""
+    if mode in ("none", "random"):
+        return
+    ranking = getattr(args, mode) or None
+    if args.heads:
+        if ranking:
+            raise HeadscopeError(f"give --{mode} CSV --top K or --heads NAMES, not both")
+        if args.top is not None:
+            raise HeadscopeError("--top K picks from a ranking CSV; --heads already names the heads")
+        return
+    check_selection(names=None, ranking=ranking, top=args.top, option="--" + mode)
 
 
 def edit_heads(args, hm, mode: str):
-    """The heads ``--MODE CSV --top K`` or ``--MODE --heads NAMES`` names, checked against the model
+    """The heads ``--MODE --heads NAMES`` or ``--MODE CSV --top K`` names, checked against the model
     (a ranking CSV is read on the model's grid)."""
+    if args.heads:
+        return hm.check_heads(args.heads), "heads"
     grid = (hm.geometry.n_layers, hm.geometry.n_heads)
-    heads, how = select_heads(names=args.heads, ranking=getattr(args, mode) or None, top=args.top,
-                              option="--" + mode, grid=grid)
+    heads, how = select_heads(ranking=getattr(args, mode) or None, top=args.top, option="--" + mode, grid=grid)
     return hm.check_heads(heads), how

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 
+from headscope.cli import types
 from headscope.cli.registry import add_option
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     """--top K (of a ranking CSV) and --heads NAMES: the two ways to say which heads to edit."""
     parser.add_argument("--top", type=positive_int, help="how many of the ranking's top heads")
-    parser.add_argument("--heads", metavar="NAMES",
+    parser.add_argument("--heads", metavar="NAMES", type=types.heads,
                         help=f"the heads to edit, by name instead of a ranking CSV: {EXAMPLES}")
 
 

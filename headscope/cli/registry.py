@@ -1,8 +1,8 @@
 """The ``--task`` registry of ``headscope score | eval``.
 
-A task module registers with the :func:`task` decorator on its ``add_arguments``::
+A task module registers with the :func:`register_task` decorator on its ``add_arguments``::
 
-    @task("needle", default_model="retrieval")
+    @register_task("needle", default_model="retrieval")
     def add_arguments(parser, command): ...     # its own options; command is "score" or "eval"
 
 and may define ``check(args)`` (read and validate its input files before the model loads),
@@ -82,7 +82,7 @@ def add_option(parser: argparse.ArgumentParser, flag: str, f: dataclasses.Field,
 _TASKS: dict[str, Task] = {}
 
 
-def task(*names: str, default_model: str, supports_decore: bool = False):
+def register_task(*names: str, default_model: str, supports_decore: bool = False):
     """Decorator on a task module's ``add_arguments``: registers the module as ``--task NAME``."""
     def decorate(add_arguments):
         module = sys.modules[add_arguments.__module__]

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
-
-import pandas as pd
 
 from headscope.errors import HeadscopeError
 from headscope.interventions.edits import Edit, intervene
 from headscope.interventions.kinds.inject import TaskEmbedding
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
-from headscope.validate import write_whole
 from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
+from headscope.validate import write_whole
 
 __all__ = ["TaskEmbedding", "accuracy", "task_embedding", "fit_soft_selection", "function_vector_heads",
            "compare_methods", "prompt_cost", "organism_ground_truth"]
@@ -157,7 +157,6 @@ def function_vector_heads(hm, task: IclTask, emb: TaskEmbedding, *, k: int | Non
     emb.check(hm)
     fmt = fmt or PromptFormat(**emb.meta.get("template", {}))
     k = emb.meta.get("k", 10) if k is None else k
-    import random
 
     rng = random.Random(seed)
     shuffled = []

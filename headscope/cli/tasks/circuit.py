@@ -7,13 +7,17 @@
 
 from __future__ import annotations
 
-from headscope.cli.registry import task
+from headscope.analyzers import circuits
+from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES, parse_heads
+from headscope.tasks.circuit_pairs import encode_pairs, load_pairs
+from headscope.tasks.colored_objects import colored_objects_pairs
+from headscope.tasks.ioi import ioi_pairs
 from headscope.validate import positive_int
 
 
-@task("circuit", default_model="retrieval")
+@register_task("circuit", default_model="retrieval")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--pairs", help='JSONL: {"clean", "corrupt", "answer", "wrong"} per line')
     parser.add_argument("--generate", choices=("ioi", "colored-objects"), help="use a shipped task generator")
@@ -29,32 +33,22 @@ def add_arguments(parser, command: str) -> None:
 
 
 def pairs(args):
-    from headscope.tasks.circuit_pairs import load_pairs
-
     if bool(args.pairs) == bool(args.generate):
         raise HeadscopeError("give exactly one of --pairs FILE or --generate ioi|colored-objects")
     if args.pairs:
         return load_pairs(args.pairs), False
     if args.generate == "ioi":
-        from headscope.tasks.ioi import ioi_pairs
-
         return ioi_pairs(args.n, args.seed), True
-    from headscope.tasks.colored_objects import colored_objects_pairs
 
     return colored_objects_pairs(args.n, args.seed), True
 
 
 def check(args) -> None:
     if args.pairs:
-        from headscope.tasks.circuit_pairs import load_pairs
-
         load_pairs(args.pairs)
 
 
 def score(args, hm):
-    from headscope.analyzers import circuits
-    from headscope.tasks.circuit_pairs import encode_pairs
-
     raw, generated = pairs(args)
     groups = encode_pairs(hm.tokenizer, raw, drop_mismatched=generated)
     shard = getattr(args, "shard", None)

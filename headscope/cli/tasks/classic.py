@@ -6,11 +6,13 @@ head_detector semantics, scored on repeated random token sequences (like TL's de
 
 from __future__ import annotations
 
-from headscope.cli.registry import task
+from headscope.analyzers import classic
+from headscope.cli.registry import register_task
+from headscope.errors import HeadscopeError
 from headscope.validate import positive_int
 
 
-@task("induction", "previous-token", "duplicate-token", default_model="retrieval")
+@register_task("induction", "previous-token", "duplicate-token", default_model="retrieval")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--sequences", type=positive_int, default=10, help="random sequences")
     parser.add_argument("--half-length", type=int, default=None,
@@ -22,9 +24,6 @@ def add_arguments(parser, command: str) -> None:
 
 
 def score(args, hm):
-    from headscope.analyzers import classic
-    from headscope.errors import HeadscopeError
-
     half = args.half_length
     if half is None:
         limit = hm.geometry.max_positions

@@ -12,30 +12,30 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from headscope.cli.registry import task
-from headscope.progress import tqdm
 
 from headscope import zoo
+from headscope.analyzers.retrieval import retrieval_heads
+from headscope.cli.registry import register_task
+from headscope.cli.tasks.needle import add_retrieval_arguments, retrieval_options
 from headscope.errors import HeadscopeError
+from headscope.methods.decore import decore_generate
+from headscope.progress import tqdm
+from headscope.tasks.context_conflict import ContextConflictTask, make_world
 from headscope.validate import positive_int
 
 SCORE_SEED = 99  # the scoring prompts are drawn apart from the evaluation prompts (seed 1234)
 
 
-@task("context-conflict", default_model="context_conflict", supports_decore=True)
+@register_task("context-conflict", default_model="context_conflict", supports_decore=True)
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--prompts", type=positive_int, default=192, help="number of swapped-context prompts")
     if command == "score":
-        from headscope.cli.tasks.needle import add_retrieval_arguments
-
         add_retrieval_arguments(parser)
     else:
         parser.add_argument("--prompt-seed", type=int, default=1234, help="seed of the evaluation prompts")
 
 
 def task_for(hm):
-    from headscope.tasks.context_conflict import ContextConflictTask, make_world
-
     if hm.tokenizer is None:
         raise HeadscopeError("the context-conflict task needs the model's tokenizer")
     world = zoo.organism_info("context_conflict").get("world", {})
@@ -47,10 +47,6 @@ def trials(args, hm, seed: int):
 
 
 def score(args, hm):
-    from headscope.analyzers.retrieval import retrieval_heads
-
-    from headscope.cli.tasks.needle import retrieval_options
-
     return retrieval_heads(hm, trials(args, hm, SCORE_SEED), **retrieval_options(args))
 
 
@@ -64,8 +60,6 @@ def _by_length(items):
 @torch.no_grad()
 def first_tokens(hm, items, batch_size: int = 8, decore_heads=None, decore_alpha=None, progress=False) -> list[int]:
     """The first token each prompt is answered with: greedy generate(), or DeCoRe with ``decore_heads``."""
-    from headscope.methods.decore import decore_generate
-
     out = [0] * len(items)
     pad = hm.tokenizer.pad_token_id or 0
     chunks = [g[s : s + batch_size] for g in _by_length(items) for s in range(0, len(g), batch_size)]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.cli.registry import task
-from headscope import zoo
+from headscope import vision, zoo
+from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
+from headscope.tasks import shapes
 from headscope.validate import positive_int
 
 
-@task("hallucination", default_model="vision")
+@register_task("hallucination", default_model="vision")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--scenes", type=positive_int, default=None,
                         help="held-out partner-absent scenes (default: the organism's held-out count, else 100)")
@@ -34,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def _prompts(args) -> tuple[str, str]:
     """The caption prompt and POPE question (the organism's unless given), checked for their slots."""
-    from headscope.tasks import shapes
-
     info = zoo.organism_info(args.model)
     caption = args.caption_prompt or info.get("caption_prompt", shapes.CAPTION_PROMPT)
     question = args.question_prompt or info.get("question_prompt", shapes.QUESTION_PROMPT)
@@ -52,12 +51,9 @@ def check(args) -> None:
 
 
 def evaluate(args, hm) -> dict[str, float]:
-    from headscope.tasks import shapes
-
     held = zoo.organism_info(args.model).get("heldout", {})
     n = args.scenes if args.scenes is not None else held.get("scenes", 100)
     caption, question = _prompts(args)
-    from headscope import vision
 
     vision.require_vision(hm, "--task hallucination")
     scenes = shapes.heldout_scenes(n, args.scene_seed if args.scene_seed is not None else held.get("seed", 1))

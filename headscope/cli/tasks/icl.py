@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.cli.registry import task
 from headscope import zoo
+from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
+from headscope.methods.soft_injection import accuracy
+from headscope.tasks.icl import IclTask, PromptFormat
 from headscope.validate import nonnegative_int, positive_int
-
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +31,6 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prompt_format(args):
-    from headscope.tasks.icl import PromptFormat
-
     return PromptFormat(template=args.template.replace("\\n", "\n"), separator=args.separator.replace("\\n", "\n"),
                         chat=args.chat_template == "on")
 
@@ -47,7 +46,7 @@ def task_files(args) -> list[str]:
     return [str(folder / f) for f in files]
 
 
-@task("icl", default_model="icl")
+@register_task("icl", default_model="icl")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--tasks", nargs="+", metavar="FILE", help="task JSONL files (default: the organism's)")
     parser.add_argument("--shots", type=nonnegative_int, default=0, help="demonstrations per prompt (0: zero-shot)")
@@ -59,8 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def _tasks(args) -> list:
     """The task files read and split, each with enough train pairs for --shots."""
-    from headscope.tasks.icl import IclTask
-
     tasks = [IclTask.load(path, seed=args.split_seed) for path in task_files(args)]
     for task in tasks:
         task.check_shots(args.shots)
@@ -73,8 +70,6 @@ def check(args) -> None:
 
 
 def evaluate(args, hm) -> dict[str, float]:
-    from headscope.methods.soft_injection import accuracy
-
     fmt = prompt_format(args)
     values = []
     for task in _tasks(args):

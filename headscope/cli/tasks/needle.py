@@ -6,13 +6,15 @@ import argparse
 
 import numpy as np
 
-from headscope.cli.registry import task
 from headscope import zoo
+from headscope.analyzers.retrieval import DECODE_STEPS, SPANS, VARIANTS, needle_accuracy, retrieval_heads
+from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
+from headscope.tasks.needle import NeedleTask, load_haystack, load_needles
 from headscope.validate import number_list
 
 
-@task("needle", default_model="retrieval")
+@register_task("needle", default_model="retrieval")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--lengths", type=number_list(int, positive=True), help="context lengths in tokens, comma-separated")
     parser.add_argument("--depths", type=number_list(float), help="needle depths in percent, comma-separated")
@@ -25,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     """Scoring options of retrieval_heads (shared by the needle and context-conflict tasks)."""
-    from headscope.analyzers.retrieval import DECODE_STEPS, SPANS, VARIANTS
-
     parser.add_argument("--variant", choices=VARIANTS, default="teacher-forced")
     parser.add_argument("--span", choices=SPANS, default="answer",
                         help="where hits count and what they are divided by: the needle's answer phrase "
@@ -43,8 +43,6 @@ def retrieval_options(args) -> dict:
 
 def trials(args, hm):
     """The length x depth x needle grid for this model (an organism carries its own default grid)."""
-    from headscope.tasks.needle import NeedleTask
-
     grid = zoo.organism_info(args.model).get("needle", {})
     lengths = args.lengths or grid.get("lengths")
     if lengths is None:  # the reference grid, cut at the model's positions
@@ -66,8 +64,6 @@ def trials(args, hm):
 
 
 def check(args) -> None:
-    from headscope.tasks.needle import load_haystack, load_needles
-
     if args.needles:
         load_needles(args.needles)
     if args.haystack:
@@ -75,14 +71,10 @@ def check(args) -> None:
 
 
 def score(args, hm):
-    from headscope.analyzers.retrieval import retrieval_heads
-
     grid = trials(args, hm)
     return retrieval_heads(hm, grid, **retrieval_options(args), shard=getattr(args, "shard", None))
 
 
 def evaluate(args, hm) -> dict[str, float]:
-    from headscope.analyzers.retrieval import needle_accuracy
-
     records = needle_accuracy(hm, trials(args, hm), batch_size=args.batch_size, progress=not args.quiet)
     return {"accuracy": float(records["correct"].mean())}

@@ -5,14 +5,17 @@
 
 from __future__ import annotations
 
-
-from headscope.cli.registry import task
+from headscope import zoo
+from headscope.analyzers import pursuit
+from headscope.cli.registry import register_task
+from headscope.cli.tasks.sinks import read_texts
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
+from headscope.tasks.needle import load_haystack
 from headscope.validate import positive_int, read_text
 
 
-@task("pursuit", default_model="topics")
+@register_task("pursuit", default_model="topics")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--concept", required=True, help="text file: the concept's words, one per line")
     parser.add_argument("--text", help="prompts, one per line (default: the organism's shipped prompts, else "
@@ -25,30 +28,21 @@ def add_arguments(parser, command: str) -> None:
 
 
 def check(args) -> None:
-    from headscope.cli.tasks.sinks import read_texts
-
     read_text(args.concept, "concept file")
     if args.text:
         read_texts(args.text)
 
 
 def score(args, hm):
-    from headscope.analyzers import pursuit
-
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; head pursuit needs one for prompts and concept words")
     words = [w.strip() for w in read_text(args.concept, "concept file").splitlines() if w.strip()]
     concept = pursuit.concept_token_ids(hm.tokenizer, words)
-    from headscope import zoo
 
     shipped = zoo.organism_info(args.model).get("prompts")
     if args.text or shipped:
-        from headscope.cli.tasks.sinks import read_texts
-
         texts = read_texts(args.text or zoo.organism_path(args.model) / shipped)
     else:
-        from headscope.tasks.needle import load_haystack
-
         texts = load_haystack()[:32]
     prompts = [hm.tokenizer(t)["input_ids"] for t in texts]
     scores = pursuit.head_pursuit(hm, prompts, concept, k=args.k, normalize=args.normalize, progress=not args.quiet)

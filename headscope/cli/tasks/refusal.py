@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.cli.registry import task
+from headscope.cli.registry import register_task
 from headscope.cli.tasks import safety
+from headscope.errors import HeadscopeError
+from headscope.tasks import refusal
 
 
-@task("refusal", default_model="refusal")
+@register_task("refusal", default_model="refusal")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     safety.add_arguments(parser, command)
 
@@ -22,9 +24,6 @@ score, check = safety.score, safety.check
 
 
 def evaluate(args, hm) -> dict[str, float]:
-    from headscope.errors import HeadscopeError
-    from headscope.tasks import refusal
-
     try:
         forbidden, benign = refusal.organism_sets(args.model)
     except HeadscopeError:

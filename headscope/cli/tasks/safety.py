@@ -10,16 +10,23 @@ refusal check for real models; the organism's fixed phrase for the organism).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from headscope.cli.registry import task
+from headscope.analyzers import safety
+from headscope.analyzers.safety import _read_state
+from headscope.cli import types
+from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES
+from headscope.tasks import refusal
+from headscope.tasks.refusal import organism_folder, organism_sets
+from headscope.tasks.safety_prompts import load_prompts
 from headscope.validate import positive_int
 
 METHODS = ("ships", "sahara", "generalized-ships")
 
 
-@task("safety", default_model="refusal")
+@register_task("safety", default_model="refusal")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--prompts", help="harmful queries: CSV, JSONL or one per line (default: the organism's held-out set)")
     parser.add_argument("--column", help="CSV column / JSON field with the query (AdvBench: goal, JailbreakBench: Goal)")
@@ -33,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="scale the head's query (uniform attention) or its output z")
         parser.add_argument("--top-per-query", type=int, default=10, help="ships: top heads kept per query")
         parser.add_argument("--max-heads", type=positive_int, default=3, help="sahara: stop at this many heads [3]")
-        parser.add_argument("--heads", metavar="NAMES", help="score only these heads (ships, generalized-ships) or "
+        parser.add_argument("--heads", metavar="NAMES", type=_heads, help="score only these heads (ships, generalized-ships) or "
                             f"choose among them (sahara): {EXAMPLES}")
         parser.add_argument("--min-score", type=float, help="sahara: stop once the subspace shift reaches this (degrees)")
         parser.add_argument("--rank", type=int, default=1, help="sahara / generalized-ships: subspace rank r")
@@ -41,11 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def queries(args) -> list[str]:
-    from headscope.tasks.safety_prompts import load_prompts
-
     if args.prompts:
         return load_prompts(args.prompts, args.column, args.limit)
-    from headscope.tasks.refusal import organism_folder, organism_sets
 
     if organism_folder(args.model) is None:
         raise HeadscopeError(
@@ -59,34 +63,23 @@ def queries(args) -> list[str]:
 
 
 def check(args) -> None:
-    from pathlib import Path
-
-    from headscope.analyzers.safety import _read_state
-    from headscope.tasks.safety_prompts import load_prompts
-
     if args.prompts:
         load_prompts(args.prompts, args.column, args.limit)
-    if getattr(args, "heads", None):
-        _heads(args)
     if getattr(args, "state", None) and Path(args.state).exists():
         _read_state(Path(args.state))
 
 
-def _heads(args):
-    """--heads NAMES (the heads to score); a bare count is the old spelling of --max-heads."""
-    from headscope.heads import parse_heads
-
-    if args.heads.strip().isdigit():
-        raise HeadscopeError(f"--heads names the heads to score ({EXAMPLES}); to stop Sahara after "
-                             f"{args.heads.strip()} heads use --max-heads {args.heads.strip()}")
-    return parse_heads(args.heads)
+def _heads(text: str):
+    """--heads NAMES (the heads to score), parsed once; a bare count is the old spelling of --max-heads."""
+    if text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--heads names the heads to score ({EXAMPLES}); to stop Sahara after "
+                                         f"{text.strip()} heads use --max-heads {text.strip()}")
+    return types.heads(text)
 
 
 def score(args, hm):
-    from headscope.analyzers import safety
-
     qs = queries(args)
-    heads = hm.check_heads(_heads(args)) if args.heads else None
+    heads = hm.check_heads(args.heads) if args.heads else None
     common = dict(eps=args.eps, ablation=args.ships_ablation, template=args.template,
                   batch_size=args.batch_size, progress=not args.quiet)
     shard = getattr(args, "shard", None)
@@ -99,8 +92,6 @@ def score(args, hm):
 
 
 def evaluate(args, hm) -> dict[str, float]:
-    from headscope.tasks import refusal
-
     info = refusal.organism_info(args.model)
     phrases = (info["refusal"],) if info.get("refusal") else refusal.REFUSAL_KEYWORDS
     m = refusal.refusal_metrics(hm, queries(args), template=args.template, phrases=phrases,

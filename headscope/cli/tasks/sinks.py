@@ -6,18 +6,16 @@ activations and secondary sinks printed as a summary.
 
 from __future__ import annotations
 
-
-from headscope.cli.registry import task
+from headscope.analyzers import sinks
+from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
+from headscope.tasks.needle import load_haystack
 from headscope.validate import positive_int, read_text
-
 
 
 def read_texts(path: str | None, default_sentences: int = 8, default_texts: int = 4) -> list[str]:
     """Non-empty lines of ``path``; default: chunks of the shipped haystack text."""
     if path is None:
-        from headscope.tasks.needle import load_haystack
-
         sentences = load_haystack()
         return [" ".join(sentences[i : i + default_sentences])
                 for i in range(0, default_sentences * default_texts, default_sentences)]
@@ -27,7 +25,7 @@ def read_texts(path: str | None, default_sentences: int = 8, default_texts: int 
     return texts
 
 
-@task("sinks", default_model="retrieval")
+@register_task("sinks", default_model="retrieval")
 def add_arguments(parser, command: str) -> None:
     parser.add_argument("--text", help="text file, one text per line (default: shipped haystack text)")
     parser.add_argument("--eps", type=float, default=0.3, help="sink threshold on alpha (Gu et al.: 0.3)")
@@ -44,8 +42,6 @@ def check(args) -> None:
 
 
 def score(args, hm):
-    from headscope.analyzers import sinks
-
     texts = read_texts(args.text)
     report = sinks.attention_sinks(hm, texts, eps=args.eps, max_tokens=args.max_tokens)
     by_layer = report.sink_tokens_by_layer()

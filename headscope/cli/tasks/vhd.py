@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-from headscope.cli.registry import task
+from headscope import vision
+from headscope.analyzers.vision import vision_aware_heads
+from headscope.cli.registry import register_task
 from headscope.validate import number_list
 
 
-@task("vhd", default_model="vision")
+@register_task("vhd", default_model="vision")
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--images", required=command == "score", help="folder of PNG/JPEG images")
     parser.add_argument("--prompts", required=command == "score",
@@ -28,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def _inputs(args) -> tuple[list, list[str]]:
     """The images and prompts of --images / --prompts, each file read and checked."""
-    from headscope import vision
-
     pairs = vision.read_pairs(args.prompts, args.images)
     return [vision.load_image(path) for path, _ in pairs], [prompt for _, prompt in pairs]
 
@@ -40,9 +40,6 @@ def check(args) -> None:
 
 
 def score(args, hm):
-    from headscope import vision
-    from headscope.analyzers.vision import vision_aware_heads
-
     vision.require_vision(hm, "--task vhd")
     images, prompts = _inputs(args)
     return vision_aware_heads(hm, images, prompts, squared=args.squared, filter_outliers=not args.no_filter,
