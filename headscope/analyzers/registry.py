@@ -1,12 +1,16 @@
 """Analyzers, each declared once: ``Analyzer`` and the registry ``headscope merge`` and the CLI read.
 
-An analyzer is a name, a score function ``score(hm, options, *, shard=None, progress=True)`` ->
-HeadScores (or, given a shard, a :class:`headscope.sharding.Part`), its options (a frozen
-dataclass whose ``__post_init__`` checks ranges; fields with a ``help`` in their metadata become
-``--FIELD`` flags of ``headscope score --task NAME``), and an optional ``join(parts)`` ->
-HeadScores that ``headscope merge`` calls to replay the unsharded run's final arithmetic (without
-one, each head's value comes from the part that owns it). ``default_model``: the model ``score
---task NAME`` loads when --model is not given (None: no command-line task of its own).
+An analyzer is a name (the ``method`` of the HeadScores it returns), a score function, its
+options (a frozen dataclass whose ``__post_init__`` checks ranges; fields with a ``help`` in their
+metadata become ``--FIELD`` flags of ``headscope score --task NAME``), and an optional
+``join(parts)`` -> HeadScores that ``headscope merge`` calls to replay the unsharded run's final
+arithmetic (without one, each head's value comes from the part that owns it).
+
+With a ``default_model`` the analyzer is a command-line task of its own: ``score --task NAME``
+loads that model (or --model) and calls ``score(hm, options, shard=None | Shard, progress=bool)``
+-> HeadScores, or a :class:`headscope.sharding.Part` given a shard. The built-in sweeps (Ships,
+generalized Ships, activation / path patching, retrieval) register their Python functions and joins
+without a default model: their --task modules (headscope.cli.tasks) read the task data and call them.
 
 A new analyzer is one module that calls :func:`register`; third parties list the module in the
 entry-point group ``headscope.analyzers``.
