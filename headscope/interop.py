@@ -35,17 +35,19 @@ from headscope import remote
 from headscope.errors import HeadscopeError
 from headscope.heads import head_masks
 from headscope.hf.adapters import find_layers
+from headscope.interventions import registry
+from headscope.interventions.edits import Edit, _patch_values, _Positions, apply_z_edit, edit_weights
 from headscope.model import HeadModel
-from headscope.interventions.edits import Z_KINDS, Edit, _patch_values, _Positions, apply_z_edit, edit_weights
 
 
 def _z_edits(edits: Edit | Sequence[Edit]) -> list[Edit]:
     edits = [edits] if isinstance(edits, Edit) else list(edits)
-    bad = [e.kind for e in edits if e.kind not in Z_KINDS]
+    remote_kinds = registry.remote_kinds()  # the kinds headscope.remote runs (EditKind.remote)
+    bad = [e.kind for e in edits if e.kind not in remote_kinds]
     if bad:
         raise HeadscopeError(
             f"edit kind(s) {bad} change the attention itself and need headscope's attention hook; "
-            f"nnsight traces and TransformerLens hooks run only {list(Z_KINDS)}. Use headscope.interventions.intervene"
+            f"nnsight traces and TransformerLens hooks run only {list(remote_kinds)}. Use headscope.interventions.intervene"
         )
     return edits
 

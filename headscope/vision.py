@@ -7,7 +7,7 @@ never from a fixed position. Named key groups per prompt:
 - ``image``: positions holding image tokens;
 - ``text_after_image``: real (non-padding) tokens after the last image token;
 - ``text_before_image``: real tokens before the first image token;
-- ``sinks``: from VAR's visual-sink test (``headscope.interventions.var``), not here.
+- ``sinks``: from VAR's visual-sink test (``headscope.interventions.kinds.var``), not here.
 
 Images are read with PIL only (slow image processors; no torchvision needed)::
 

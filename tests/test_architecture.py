@@ -2,9 +2,7 @@
 (headscope_kernels included), imports inside functions only of optional packages, and the floors of
 the house (docs: the README's design section) printed with every import that runs against them.
 
-Both module-level and function-level imports count as edges. ``REMAINING_UNTIL_REGISTRIES_MERGE``
-lists exactly the known cases left in modules that the registry renovation (analyzers and edit-kind
-registries, methods/, the CLI package) is moving; empty it once that work has landed.
+Both module-level and function-level imports count as edges.
 """
 
 from __future__ import annotations
@@ -28,107 +26,20 @@ LAZY_FOR_IMPORT_TIME = {
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("headscope.errors", "headscope.io", "headscope.heads", "headscope.organisms", "headscope.progress",
               "headscope.validate", "headscope.data", "headscope.plots", "headscope.remote", "headscope_kernels")},
-    {"hf / results": ("headscope.hf", "headscope.scores")},
+    {"hf / results": ("headscope.hf", "headscope.scores"),
+     # the two registries import only errors: sharding (below the analyzers) looks up joins in one
+     "registries": ("headscope.analyzers.registry", "headscope.interventions.registry")},
     {"model": ("headscope.probes", "headscope.cache", "headscope.model")},
     {"inputs and tasks": ("headscope.vision", "headscope.tasks")},
     {"sharding": ("headscope.sharding",)},
-    {"analyzers": ("headscope.analyzers",), "interventions": ("headscope.interventions",)},
+    {"analyzers": ("headscope.analyzers",)},
+    {"interventions": ("headscope.interventions",)},  # edits take HeadScores and analyzers' selections
     {"methods": ("headscope.methods", "headscope.interop")},
     {"zoo": ("headscope.zoo",)},
-    {"cli": ("headscope.cli", "headscope.commands")},
+    {"cli": ("headscope.cli",)},
     {"public face": ("headscope",)},
 ]
 
-# Known cases in modules the registry renovation moves (headscope/interventions, analyzers/, sharding,
-# methods/, cli.py + commands/), as the checks below name them. Empty this after that branch merges.
-REMAINING_UNTIL_REGISTRIES_MERGE: set[str] = {
-    "cycle: headscope.analyzers.retrieval, headscope.analyzers.safety, headscope.sharding",
-    "layering: headscope.analyzers.vision -> headscope.interventions",
-    "layering: headscope.interventions.var -> headscope.analyzers.sinks",
-    "layering: headscope.sharding -> headscope.analyzers.retrieval",
-    "layering: headscope.sharding -> headscope.analyzers.safety",
-    "function-level: headscope.analyzers.circuits -> plotly.graph_objects",
-    "function-level: headscope.analyzers.circuits -> headscope.plots",
-    "function-level: headscope.analyzers.retrieval -> plotly.graph_objects",
-    "function-level: headscope.analyzers.retrieval -> headscope.plots",
-    "function-level: headscope.analyzers.safety -> headscope.tasks.safety_prompts",
-    "function-level: headscope.analyzers.vision -> headscope.interventions",
-    "function-level: headscope.analyzers.vision -> headscope.analyzers.pursuit",
-    "function-level: headscope.cli -> headscope.scores",
-    "function-level: headscope.cli -> headscope.hf.devices",
-    "function-level: headscope.cli -> headscope.model",
-    "function-level: headscope.cli -> headscope.sharding",
-    "function-level: headscope.cli -> contextlib",
-    "function-level: headscope.cli -> headscope.interventions",
-    "function-level: headscope.cli -> pathlib",
-    "function-level: headscope.cli -> headscope.zoo",
-    "function-level: headscope.cli -> transformers.utils",
-    "function-level: headscope.commands.circuit -> headscope.tasks.circuit_pairs",
-    "function-level: headscope.commands.circuit -> headscope.tasks.ioi",
-    "function-level: headscope.commands.circuit -> headscope.tasks.colored_objects",
-    "function-level: headscope.commands.circuit -> headscope.analyzers.circuits",
-    "function-level: headscope.commands.classic -> headscope.analyzers.classic",
-    "function-level: headscope.commands.classic -> headscope.errors",
-    "function-level: headscope.commands.context_conflict -> headscope.commands.needle",
-    "function-level: headscope.commands.context_conflict -> headscope.tasks.context_conflict",
-    "function-level: headscope.commands.context_conflict -> headscope.analyzers.retrieval",
-    "function-level: headscope.commands.context_conflict -> headscope.interventions.decore",
-    "function-level: headscope.commands.edit_flags -> headscope.interventions",
-    "function-level: headscope.commands.edit_flags -> headscope.scores",
-    "function-level: headscope.commands.edit_flags -> headscope.analyzers.vision",
-    "function-level: headscope.commands.edit_flags -> headscope.heads",
-    "function-level: headscope.commands.edit_flags -> headscope.vision",
-    "function-level: headscope.commands.edit_flags -> headscope.interventions.var",
-    "function-level: headscope.commands.edit_flags -> PIL",
-    "function-level: headscope.commands.edit_flags -> headscope.interventions.soft_injection",
-    "function-level: headscope.commands.generate -> headscope.interventions",
-    "function-level: headscope.commands.generate -> headscope.interventions.decore",
-    "function-level: headscope.commands.generate -> headscope.cli",
-    "function-level: headscope.commands.generate -> headscope.heads",
-    "function-level: headscope.commands.generate -> headscope.vision",
-    "function-level: headscope.commands.hallucination -> headscope.tasks.shapes",
-    "function-level: headscope.commands.hallucination -> headscope.vision",
-    "function-level: headscope.commands.icl -> headscope.tasks.icl",
-    "function-level: headscope.commands.icl -> headscope.interventions.soft_injection",
-    "function-level: headscope.commands.inject -> headscope.interventions.soft_injection",
-    "function-level: headscope.commands.inject -> headscope.tasks.icl",
-    "function-level: headscope.commands.merge -> headscope.sharding",
-    "function-level: headscope.commands.needle -> headscope.analyzers.retrieval",
-    "function-level: headscope.commands.needle -> headscope.tasks.needle",
-    "function-level: headscope.commands.overlap -> headscope.analyzers.circuits",
-    "function-level: headscope.commands.overlap -> headscope.errors",
-    "function-level: headscope.commands.overlap -> headscope.heads",
-    "function-level: headscope.commands.overlap -> headscope.io",
-    "function-level: headscope.commands.overlap -> headscope.scores",
-    "function-level: headscope.commands.overlap -> pathlib",
-    "function-level: headscope.commands.pursuit -> headscope.commands.sinks",
-    "function-level: headscope.commands.pursuit -> headscope.analyzers.pursuit",
-    "function-level: headscope.commands.pursuit -> headscope.zoo",
-    "function-level: headscope.commands.pursuit -> headscope.tasks.needle",
-    "function-level: headscope.commands.refusal -> headscope.errors",
-    "function-level: headscope.commands.refusal -> headscope.tasks.refusal",
-    "function-level: headscope.commands.safety -> headscope.tasks.safety_prompts",
-    "function-level: headscope.commands.safety -> headscope.tasks.refusal",
-    "function-level: headscope.commands.safety -> pathlib",
-    "function-level: headscope.commands.safety -> headscope.analyzers.safety",
-    "function-level: headscope.commands.safety -> headscope.heads",
-    "function-level: headscope.commands.sinks -> headscope.tasks.needle",
-    "function-level: headscope.commands.sinks -> headscope.analyzers.sinks",
-    "function-level: headscope.commands.vhd -> headscope.vision",
-    "function-level: headscope.commands.vhd -> headscope.analyzers.vision",
-    "function-level: headscope.interventions.edits -> headscope.scores",
-    "function-level: headscope.interventions.soft_injection -> safetensors.torch",
-    "function-level: headscope.interventions.soft_injection -> safetensors",
-    "function-level: headscope.interventions.soft_injection -> random",
-    "function-level: headscope.interventions.soft_injection -> pandas",
-    "function-level: headscope.interventions.soft_injection -> headscope.model",
-    "function-level: headscope.interventions.var -> headscope.analyzers.sinks",
-    "function-level: headscope.interventions.var -> headscope.interventions.edits",
-    "function-level: headscope.interventions.var -> headscope_kernels",
-    "function-level: headscope.sharding -> headscope.scores",
-    "function-level: headscope.sharding -> headscope.analyzers.safety",
-    "function-level: headscope.sharding -> headscope.analyzers.retrieval",
-}
 
 
 def modules() -> dict[str, Path]:
@@ -261,7 +172,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles():
     edges, _ = graph()
-    found = [c for c in cycles(edges) if "cycle: " + ", ".join(c) not in REMAINING_UNTIL_REGISTRIES_MERGE]
+    found = cycles(edges)
     assert not found, f"import cycles among headscope modules: {found}"
 
 
@@ -271,8 +182,6 @@ def test_imports_inside_functions_only_of_optional_packages():
     for module, target, line in in_functions:
         optional = any(target == o or target.startswith(o + ".") for o in OPTIONAL)
         if optional or (module, target) in LAZY_FOR_IMPORT_TIME:
-            continue
-        if f"function-level: {module} -> {target}" in REMAINING_UNTIL_REGISTRIES_MERGE:
             continue
         bad.append(f"{module}:{line} imports {target}")
     assert not bad, "imports inside functions (move them to the top of the module):\n" + "\n".join(bad)
@@ -288,24 +197,5 @@ def test_layering(capsys):
         bad = against_layering(edges)
         print(f"imports against the layering: {len(bad)}")
         for source, target in bad:
-            known = f"layering: {source} -> {target}" in REMAINING_UNTIL_REGISTRIES_MERGE
-            print(f"  {source} -> {target}" + ("  (known, registry renovation)" if known else ""))
-    unexpected = [(s, t) for s, t in against_layering(edges)
-                  if f"layering: {s} -> {t}" not in REMAINING_UNTIL_REGISTRIES_MERGE]
-    assert not unexpected, f"imports against the layering: {unexpected}"
-
-
-def test_remaining_list_holds_only_live_cases_of_the_registry_modules():
-    """Every entry of the known list is still true and lies in a module the registry work moves, so the
-    list shrinks as that work lands and never hides a case in the rest of the house."""
-    edges, in_functions = graph()
-    live = {"cycle: " + ", ".join(c) for c in cycles(edges)}
-    live |= {f"layering: {s} -> {t}" for s, t in against_layering(edges)}
-    live |= {f"function-level: {m} -> {t}" for m, t, _ in in_functions}
-    stale = sorted(REMAINING_UNTIL_REGISTRIES_MERGE - live)
-    assert not stale, f"no longer true, remove from REMAINING_UNTIL_REGISTRIES_MERGE: {stale}"
-    theirs = ("headscope.analyzers", "headscope.interventions", "headscope.sharding", "headscope.methods",
-              "headscope.cli", "headscope.commands")
-    outside = [e for e in REMAINING_UNTIL_REGISTRIES_MERGE
-               if not e.split(": ", 1)[1].startswith(theirs)]
-    assert not outside, f"known cases outside the registry modules: {outside}"
+            print(f"  {source} -> {target}")
+    assert not bad, f"imports against the layering: {bad}"

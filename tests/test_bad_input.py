@@ -329,7 +329,7 @@ def _files(tmp: Path) -> dict[str, str]:
     put("icl_small.jsonl", (zoo.organism_path("icl") / "next.jsonl").read_text())
     from safetensors.torch import save_file
 
-    from headscope.interventions.soft_injection import TaskEmbedding
+    from headscope.methods.soft_injection import TaskEmbedding
 
     TaskEmbedding(torch.ones(1, 1, 2), {"model": "other"}, torch.ones(1, 1)).save(tmp / "emb_small.safetensors")
     f["emb_small"] = str(tmp / "emb_small.safetensors")

@@ -33,9 +33,11 @@ from headscope.errors import HeadscopeError
 from headscope.heads import head_masks
 from headscope.model import HeadModel
 from headscope.remote import kl_divergence
+from headscope.analyzers import registry
 from headscope.io import write_whole
 from headscope.scores import HeadScores
-from headscope.sharding import Shard, as_part, batches, owned
+from headscope.sharding import Part, Shard, as_part, batches, owned
+from headscope.tasks.safety_prompts import encode_prompts
 from headscope.validate import read_json
 
 Head = tuple[int, int]
@@ -78,8 +80,6 @@ def _encode(hm: HeadModel, prompts, template: str) -> list[list[int]]:
     if len(prompts) == 0:
         raise HeadscopeError("no prompts given; pass at least one harmful query")
     if isinstance(prompts[0], str):
-        from headscope.tasks.safety_prompts import encode_prompts
-
         return encode_prompts(hm.tokenizer, prompts, template)
     return [list(map(int, p)) for p in prompts]
 
@@ -385,3 +385,17 @@ def sahara(
         "r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "template": template,
         "chosen": [list(h) for h in chosen], "step_scores": [round(s, 4) for s in step_scores],
     })
+
+
+def join_ships(parts: Sequence[Part]) -> HeadScores:
+    """``headscope merge`` of Ships parts: each head's per-query KL from the part that owns it, then
+    the unsharded run's ranking by query counts (:func:`ships_result`)."""
+    per_query = torch.full_like(parts[0].extra["per_query"], float("nan"))
+    for part in parts:
+        for layer, head in part.heads:
+            per_query[:, layer, head] = part.extra["per_query"][:, layer, head]
+    return ships_result(per_query, parts[0].model, parts[0].params)
+
+
+registry.register(registry.Analyzer("ships", ships, join=join_ships, doc="Ships (Zhou et al. 2024)"))
+registry.register(registry.Analyzer("generalized-ships", generalized_ships, doc="generalized Ships (Zhou et al. 2024)"))

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from headscope.interventions.soft_injection import organism_ground_truth
+from headscope.methods.soft_injection import organism_ground_truth
 from headscope.tasks.icl import PromptFormat
 from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
