@@ -1,0 +1,1 @@
+"""Methods built on head scores (generation-time caches and fits)."""
