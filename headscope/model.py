@@ -588,6 +588,16 @@ class HeadModel:
             yield
 
     @contextlib.contextmanager
+    def kv_compress(self, full: torch.Tensor | None = None, **options) -> Iterator:
+        """Forward and generate with a head-wise compressed KV cache: ``full`` [L, H_kv] bool keeps those
+        KV heads whole, the others keep sinks + a recent window (DuoAttention), or ``policy="headkv",
+        budgets=...``; see :func:`headscope.methods.kv_compression.compress`. Yields its state."""
+        from headscope.methods.kv_compression import compress
+
+        with compress(self, full, **options) as state:
+            yield state
+
+    @contextlib.contextmanager
     def ablate(self, heads: Iterable[Sequence[int]], mode: str = "zero") -> Iterator[None]:
         """Ablate heads: ``zero`` their output z, or give them ``uniform`` attention (query = 0)."""
         heads = self.check_heads(heads)

@@ -240,3 +240,28 @@ def test_headkv_generate_matches_masked_reference(llama):
     assert (got - want).abs().max().item() < 1e-5
     held = state.cache.held()
     assert [h["tokens"] for h in held[0].values()] == [int(b) + 4 for b in budgets[0]]
+
+
+def test_edit_kind_and_headmodel_api_agree(llama):
+    """The same compression through intervene(Edit) and through HeadModel.kv_compress; hooks removed
+    afterwards, also after an error inside the block."""
+    from headscope.interventions import Edit, intervene, load_edits, save_edits
+
+    full = torch.tensor([[False, True], [True, False]])
+    ids, mask = left_padded(128, [33, 20], seed=4)
+    edit = kvc.kv_edit(full, sink=2, recent=7)
+    assert Edit.from_dict(edit.to_dict()) == edit
+    with torch.no_grad(), intervene(llama, [edit]):
+        a = llama.model(ids, attention_mask=mask).logits
+    with torch.no_grad(), llama.kv_compress(full, sink=2, recent=7) as state:
+        b = llama.model(ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and state.longest["tokens"] == 33
+    want = masked_reference(llama, ids, mask, duo_rule(full, 2, 7))
+    assert (a[mask.bool()] - want[mask.bool()]).abs().max().item() < 1e-5
+    with pytest.raises(RuntimeError), llama.kv_compress(full, sink=2, recent=7):
+        raise RuntimeError("inside")
+    assert not llama.hooks_installed() and not llama.model._forward_pre_hooks and not llama.model._forward_hooks
+    with pytest.raises(HeadscopeError, match="needs options"):
+        Edit("kv_compress", [], options={"policy": "duo"})
+    with pytest.raises(HeadscopeError, match="must be >= 0"):
+        kvc.kv_edit(full, sink=-1)

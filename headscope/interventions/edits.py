@@ -64,7 +64,7 @@ Head = tuple[int, int]
 Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
 Q_KINDS = ("query_scale", "uniform")
 # kind -> module defining DEFAULT_STRENGTH, check(edit) and apply(hm, edit, state) (a context manager)
-KIND_MODULES = {"var": "headscope.interventions.var"}
+KIND_MODULES = {"var": "headscope.interventions.var", "kv_compress": "headscope.methods.kv_compression"}
 KINDS = Z_KINDS + Q_KINDS + tuple(KIND_MODULES)
 ALIASES = {"resample": "patch", "ablate": "zero", "reweight": "scale"}
 DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "inject": 1.0, "query_scale": 1e-4, "uniform": 1.0}

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headscope.errors import HeadscopeError
+from headscope.heads import same_layer_random_heads
 
 POLICIES = ("duo", "headkv")
 RULES = ("any", "mean", "max")
@@ -87,11 +88,24 @@ def full_heads_from_scores(scores: torch.Tensor, n_kv_heads: int, share: float, 
 
 def random_full_heads(like: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """Random full KV heads, the same count per layer as ``like`` ([L, H_kv] bool): the control."""
+    chosen = [tuple(h) for h in torch.nonzero(like).tolist()]
     out = torch.zeros_like(like)
-    for layer in range(like.shape[0]):
-        for h in rng.sample(range(like.shape[1]), int(like[layer].sum())):
-            out[layer, h] = True
+    for layer, h in same_layer_random_heads(chosen, like.shape[1], rng, exclude_given=False):
+        out[layer, h] = True
     return out
+
+
+def razor_scores(hm, seed: int = 0):
+    """RazorAttention's data-free choice (Tang et al. 2025): echo (duplicate-token) and induction
+    scores on repeated random tokens; a head's score is the larger of the two (as [L, H] HeadScores)."""
+    from headscope.analyzers.classic import head_type_scores, repeated_random_tokens
+    from headscope.scores import HeadScores
+
+    tokens = repeated_random_tokens(hm, seed=seed)
+    echo = head_type_scores(hm, "duplicate-token", tokens).scores
+    induction = head_type_scores(hm, "induction", tokens).scores
+    return HeadScores(torch.maximum(echo, induction), "razor (max of echo, induction)", hm.name,
+                      {"sequences": int(tokens.shape[0]), "length": int(tokens.shape[1]), "seed": seed})
 
 
 def mean_interval(values: Sequence[float], seed: int = 0, n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
@@ -431,14 +445,32 @@ def new_cache(hm, full: torch.Tensor | None = None, *, policy: str = "duo", sink
 
 
 class Compression:
-    """What :func:`compress` yields: the cache of the latest generate / forward call."""
+    """What :func:`compress` yields: the cache of the latest generate / forward call, and the bytes
+    held at the end of the longest call (``longest``: tokens, held and full bytes per sequence)."""
 
     def __init__(self, make):
         self._make = make
         self.cache: KVCompressedCache | None = None
+        self.longest: dict | None = None
 
     def new_cache(self) -> KVCompressedCache:
         return self._make()
+
+    def record(self) -> None:
+        cache = self.cache
+        if cache is None or not cache.layers[0].is_initialized:
+            return
+        seen, batch = cache.layers[0].seen, cache.layers[0].batch
+        if self.longest is None or seen >= self.longest["tokens"]:
+            self.longest = {"tokens": seen, "kv_bytes_held": cache.nbytes() // batch,
+                            "kv_bytes_full": cache.full_nbytes() // batch}
+
+
+_LATEST: list[Compression] = []  # the latest compression opened in this process (read by the CLI)
+
+
+def latest() -> Compression | None:
+    return _LATEST[-1] if _LATEST else None
 
 
 @contextlib.contextmanager
@@ -480,9 +512,59 @@ def compress(hm, full: torch.Tensor | None = None, *, policy: str = "duo", sink:
             raise HeadscopeError("KV compression needs a boolean attention mask (the sdpa mask)")
         return cache.layers[getattr(module, "layer_idx", layer)].attend(query, mask, scaling)
 
-    handle = hm.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handles = [hm.model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               hm.model.register_forward_hook(lambda *a: state.record())]
+    _LATEST[:] = [state]
     try:
         with hm.edit_attention(edit):
             yield state
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------- as an Edit kind
+DEFAULT_STRENGTH = 1.0  # unused: the options say everything
+DEFAULTS = {"policy": "duo", "full": None, "budgets": None, "sink": 4, "recent": 64, "window": 8, "kernel": 7}
+
+
+def check(edit) -> None:
+    """A ``kv_compress`` edit's options (called by Edit): ``full`` [L][H_kv] 0/1 (duo) or ``budgets``
+    [L][H_kv] tokens (headkv), sink, recent, window, kernel."""
+    unknown = set(edit.options) - set(DEFAULTS)
+    if unknown:
+        raise HeadscopeError(f"unknown kv_compress option(s) {sorted(unknown)}; choose from {sorted(DEFAULTS)}")
+    if edit.heads:
+        raise HeadscopeError("a kv_compress edit names its KV heads in options['full'], not in heads")
+    opts = {**DEFAULTS, **edit.options}
+    if opts["policy"] not in POLICIES:
+        raise HeadscopeError(f"unknown KV-compression policy {opts['policy']!r}; choose one of {', '.join(POLICIES)}")
+    for name in ("sink", "recent", "window", "kernel"):
+        if not isinstance(opts[name], int) or isinstance(opts[name], bool):
+            raise HeadscopeError(f"kv_compress option {name} must be an integer; got {opts[name]!r}")
+    check_window(opts["sink"], opts["recent"])
+    need = "full" if opts["policy"] == "duo" else "budgets"
+    if opts[need] is None:
+        raise HeadscopeError(f"a {opts['policy']} kv_compress edit needs options[{need!r}] ([layers][KV heads])")
+
+
+def kv_edit(full: torch.Tensor | None = None, budgets: torch.Tensor | None = None, **options):
+    """A ``kv_compress`` Edit: duo with ``full`` [L, H_kv] bool, or headkv with ``budgets`` [L, H_kv]."""
+    from headscope.interventions.edits import Edit
+
+    if full is not None:
+        options.update(policy=options.get("policy", "duo"), full=full.int().tolist())
+    if budgets is not None:
+        options.update(policy="headkv", budgets=budgets.long().tolist())
+    return Edit("kv_compress", [], options=options)
+
+
+@contextlib.contextmanager
+def apply(hm, edit, state=None) -> Iterator[Compression]:
+    """Install the compressed cache for the block's duration (used by ``intervene``)."""
+    opts = {**DEFAULTS, **edit.options}
+    full = torch.tensor(opts["full"], dtype=torch.bool) if opts["full"] is not None else None
+    budgets = torch.tensor(opts["budgets"], dtype=torch.long) if opts["budgets"] is not None else None
+    with compress(hm, full, policy=opts["policy"], sink=opts["sink"], recent=opts["recent"], budgets=budgets,
+                  window=opts["window"], kernel=opts["kernel"]) as run:
+        yield run
