@@ -12,8 +12,9 @@ import json
 import random
 import sys
 
-from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags
+from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags, kv_flags
 from headscope.errors import HeadscopeError
+from headscope.methods.kv_compression import mean_interval
 from headscope.heads import EXAMPLES, check_ranking, check_selection, format_head, format_heads, parse_heads, select_heads
 from headscope.validate import check_output, finite_float, nonnegative_int, positive_int
 
@@ -157,6 +158,9 @@ def _score(args, task) -> int:
     shown = shown.assign(head=[format_head(h) for h in zip(shown["layer"], shown["head"])]).drop(columns="layer")
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if args.out:
+        from headscope.formats import provenance_of_run
+
+        scores.params.setdefault("provenance", provenance_of_run(hm, args))
         scores.to_csv(args.out)
         print(f"wrote {args.out} ({len(frame)} heads)")
     return 0
@@ -258,6 +262,9 @@ def _eval(args, task) -> int:
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
         spread = {k: (sum((d[k] - result[k]) ** 2 for d in draws) / max(len(draws) - 1, 1)) ** 0.5 for k in result}
         print(f"std over {len(draws)} draws: " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()))
+        for k in result:
+            _, lo, hi = mean_interval([d[k] for d in draws], seed=args.seed)
+            print(f"{k}: mean {result[k]:.3f}, 95 % bootstrap interval [{lo:.3f}, {hi:.3f}] over {len(draws)} draws")
     elif mode in ("ablate", "scale", "decore"):
         heads, chosen = edit_heads(args, hm, mode)
         detail = {"ablate": f"ablating ({args.ablation})", "scale": f"scaling by {args.alpha:g}",
@@ -281,6 +288,8 @@ def _eval(args, task) -> int:
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
     else:
         result = metrics([])
+    for line in kv_flags.report(args):  # --kv-compress: the cache's bytes, before the metric
+        print(line)
     for name, value in result.items():
         print(f"{name}: {value:.3f}")
     return 0

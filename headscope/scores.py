@@ -103,6 +103,10 @@ class HeadScores:
         ``grid`` = (layers, heads) of the model the ranking is for: needed when the CSV has no
         sidecar (the grid is never guessed from the largest indices), checked against it otherwise.
         """
+        from headscope import formats  # formats builds on HeadScores (a top-level import would be a cycle)
+
+        if formats.published_format(path):  # DuoAttention / Retrieval_Head / QRHead files
+            return formats.read_scores(path, grid)
         rows, meta = read_ranking(path)
         shape = meta.get("shape")
         if grid is not None:
@@ -202,7 +206,12 @@ def read_ranking(path) -> tuple[list[tuple[int, int, float]], dict]:
     scored. The sidecar, if present, is a JSON object whose shape holds every row and whose
     csv_sha256 (written by :meth:`HeadScores.to_csv`) matches the CSV.
     """
+    from headscope import formats  # formats builds on HeadScores (a top-level import would be a cycle)
+
     path = Path(path)
+    if formats.published_format(path):
+        scores = formats.read_scores(path).scores
+        return [(l, h, float(scores[l, h])) for l in range(scores.shape[0]) for h in range(scores.shape[1])], {}
     text = read_text(path, "ranking file")
     lines = text.splitlines()
     reader = csv.reader(lines)

@@ -28,4 +28,5 @@ COMMAND_MODULES: list[str] = [
     "headscope.commands.generate",
     "headscope.commands.inject",
     "headscope.commands.merge",
+    "headscope.commands.export",
 ]

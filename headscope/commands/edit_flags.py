@@ -9,6 +9,7 @@ method adds one :class:`EditFlag` to ``EDIT_FLAGS``; generate and eval need no c
       --random-heads      ... on random heads, the same count per layer (eval: --draws N --seed S)
     --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, --var-tau)
     --inject FILE         soft injection (Park & Rhee 2025): a task embedding from `headscope inject fit`
+    --kv-compress RANKING head-wise KV-cache compression (DuoAttention / HeadKV; headscope.commands.kv_flags)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from headscope.commands import kv_flags
 from headscope.errors import HeadscopeError
 from headscope.validate import number_list
 
@@ -52,7 +54,7 @@ def _add_vhr(parser):
                         "(above their layer's median in its layers) by --alpha (He et al. 2025)")
     parser.add_argument("--vhr-layers", type=number_list(int), default=None, help="with --vhr: comma-separated layers (default: the CSV's)")
     parser.add_argument("--random-heads", action="store_true",
-                        help="with --vhr: random heads instead, the same count per layer (control)")
+                        help="with --vhr / --kv-compress: random heads instead, the same count per layer (control)")
     if not any(a.dest == "alpha" for a in parser._actions):
         parser.add_argument("--alpha", type=float, default=2.0, help="with --vhr: the factor on z [2.0]")
 
@@ -68,8 +70,9 @@ def _check_vhr(args):
 
     if getattr(args, "vhr", None):
         check_ranking(args.vhr, None)
-    elif getattr(args, "random_heads", False):
-        raise HeadscopeError("--random-heads needs --vhr CSV (it draws as many heads per layer as VHR selects)")
+    elif getattr(args, "random_heads", False) and getattr(args, "kv_compress", None) is None:
+        raise HeadscopeError("--random-heads needs --vhr CSV or --kv-compress RANKING (it draws as many heads per "
+                             "layer as they select)")
 
 
 def _build_vhr(args, hm, rng):
@@ -142,7 +145,8 @@ def _build_inject(args, hm, rng):
 
 
 EDIT_FLAGS: list[EditFlag] = [EditFlag(_add_file, _build_file, _check_file), EditFlag(_add_vhr, _build_vhr, _check_vhr),
-                              EditFlag(_add_var, _build_var), EditFlag(_add_inject, _build_inject, _check_inject)]
+                              EditFlag(_add_var, _build_var), EditFlag(_add_inject, _build_inject, _check_inject),
+                              EditFlag(kv_flags.add_arguments, kv_flags.build, kv_flags.check)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
