@@ -138,8 +138,15 @@ def check_window(sink: int, recent: int, context: int | None = None) -> None:
 
 # ------------------------------------------------------------------------------- the cache
 def _sdpa(q, k, v, mask, scaling):
-    """q [B, Hq, n, d] over k, v [B, Hk, m, d] (Hq a multiple of Hk), bool mask [B, 1, n, m] or None."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    """q [B, Hq, n, d] over k, v [B, Hk, m, d] (Hq a multiple of Hk), bool mask [B, 1, n, m] or None
+    (None with n > 1: causal, the queries being the last n positions)."""
+    n, m = q.shape[-2], k.shape[-2]
+    causal = mask is None and n > 1
+    if causal and n != m:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _nbytes(*tensors) -> int:
@@ -233,10 +240,7 @@ class DuoLayer(_Layer):
         b, hq, n, d = query.shape
         out = query.new_empty(b, hq, n, d)
         if len(self.full_kv):
-            m = mask
-            if m is None and n > 1:  # no padding: causal, the queries being the last n positions
-                m = torch.ones(n, self.keys.shape[-2], dtype=torch.bool, device=query.device).tril(self.keys.shape[-2] - n)
-            out[:, self.full_q] = _sdpa(query[:, self.full_q], self.keys, self.values, m, scaling)
+            out[:, self.full_q] = _sdpa(query[:, self.full_q], self.keys, self.values, mask, scaling)
         if len(self.stream_kv):
             ks, vs, ranks = self.pending
             qs = query[:, self.stream_q]
@@ -314,11 +318,8 @@ class HeadKVLayer(_Layer):
         b, hq, n, d = query.shape
         if self.prompt is not None:  # prefill: full attention, then keep each head's budget
             keys, values, ranks = self.prompt
-            m = mask
-            if m is None and n > 1:
-                m = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-            out = _sdpa(query, keys, values, m, scaling)
-            self._select(query, keys, values, ranks, m, scaling)
+            out = _sdpa(query, keys, values, mask, scaling)
+            self._select(query, keys, values, ranks, mask, scaling)
             self.prompt = None
             return out.transpose(1, 2)
         out = query.new_empty(b, hq, n, d)
