@@ -54,6 +54,10 @@ def run(args) -> int:
         check_output(out / formats.DUO_TSV, "--out file")
     else:
         check_output(out, "--out file")
+    from headscope.scores import sidecar_path
+
+    if out.resolve() in (Path(args.ranking).resolve(), sidecar_path(args.ranking).resolve()):
+        raise HeadscopeError(f"--out {out} would overwrite the ranking or its sidecar; write the export elsewhere")
     if formats.published_format(args.ranking):
         raise HeadscopeError(f"{args.ranking} is already a {formats.published_format(args.ranking)} file; export reads "
                              "a headscope ranking CSV")
