@@ -86,10 +86,15 @@ def full_heads_from_scores(scores: torch.Tensor, n_kv_heads: int, share: float, 
     return full
 
 
-def random_full_heads(like: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    """Random full KV heads, the same count per layer as ``like`` ([L, H_kv] bool): the control."""
-    chosen = [tuple(h) for h in torch.nonzero(like).tolist()]
+def random_full_heads(like: torch.Tensor, rng: random.Random, per_layer: bool = True) -> torch.Tensor:
+    """Random full KV heads, the same count per layer as ``like`` ([L, H_kv] bool): the control.
+    ``per_layer=False``: the same total count, drawn from all KV heads (with few KV heads per layer
+    the per-layer draw can leave no choice: a layer whose heads are all chosen stays so)."""
     out = torch.zeros_like(like)
+    if not per_layer:
+        out.view(-1)[rng.sample(range(like.numel()), int(like.sum()))] = True
+        return out
+    chosen = [tuple(h) for h in torch.nonzero(like).tolist()]
     for layer, h in same_layer_random_heads(chosen, like.shape[1], rng, exclude_given=False):
         out[layer, h] = True
     return out
@@ -490,6 +495,9 @@ def compress(hm, full: torch.Tensor | None = None, *, policy: str = "duo", sink:
     state.new_cache()  # checks the arguments before anything is hooked
 
     def pre_hook(module, args, kwargs):
+        if getattr(hm, "_stats", None) is not None:
+            raise HeadscopeError("attention statistics read every head's full keys; they cannot run on a compressed "
+                                 "KV cache: close kv_compress (or the attention_stats block) first")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(cache, KVCompressedCache):
             if cache is not None and not (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
