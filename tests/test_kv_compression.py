@@ -265,3 +265,12 @@ def test_edit_kind_and_headmodel_api_agree(llama):
         Edit("kv_compress", [], options={"policy": "duo"})
     with pytest.raises(HeadscopeError, match="must be >= 0"):
         kvc.kv_edit(full, sink=-1)
+
+
+def test_attention_statistics_refused_on_a_compressed_cache(llama):
+    full = torch.tensor([[True, False], [False, False]])
+    ids = torch.randint(3, 128, (1, 20))
+    with pytest.raises(HeadscopeError, match="cannot run on a compressed"):
+        with llama.kv_compress(full, sink=2, recent=4), llama.attention_stats(["top1"]):
+            llama.model(ids)
+    assert not llama.hooks_installed()
