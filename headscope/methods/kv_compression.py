@@ -1,5 +1,7 @@
 """Head-wise KV-cache compression at generation time (DuoAttention; HeadKV; RazorAttention's choice).
 
+Rules and deviations: docs/METHODS.md, "Head-wise KV-cache compression (DuoAttention, HeadKV, RazorAttention)".
+
 Two policies, each a real cache (memory is saved, not masked away):
 
 - ``duo`` (Xiao et al., ICLR 2025, "DuoAttention"): each KV head is *full* (keeps every key and value)
