@@ -86,10 +86,10 @@ def options_sha256(args, names) -> str:
 
 # ------------------------------------------------------------------------------- detection
 def published_format(path) -> str | None:
-    """Which of FORMATS a path is (by name: a folder or .tsv = duo, .json without a ranking
-    CSV = retrieval-head, .yaml/.yml = qrhead), else None (a headscope ranking CSV)."""
+    """Which of FORMATS a path is (by name: a folder holding full_attention_heads.tsv or a .tsv =
+    duo, .json = retrieval-head, .yaml/.yml = qrhead), else None (a headscope ranking CSV)."""
     path = Path(path)
-    if path.is_dir() or path.name.endswith(".tsv"):
+    if (path.is_dir() and (path / DUO_TSV).exists()) or path.name.endswith(".tsv"):
         return "duo"
     if path.suffix in (".yaml", ".yml"):
         return "qrhead"
