@@ -7,7 +7,8 @@
       --policy duo|headkv         DuoAttention streaming heads, or HeadKV budgets (mean budget
                                   sink + recent tokens per KV head, floor 8 = SnapKV's window)
       --kv-rule any|mean|max      query heads -> KV group [any]
-      --random-heads              random full heads, the same count per layer (eval: --draws N --seed S)
+      --random-heads              random full heads, the same count per layer (eval: --draws N --seed S);
+                                  with headkv: the KV-head scores shuffled before the budgets are set
 
 eval prints ``kv_bytes_held: N`` and ``kv_bytes_full: M`` (per sequence, every tensor of the cache, at
 the end of the longest call) before the metric.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import random
 
 from headscope import zoo
-from headscope.errors import HeadscopeError
 from headscope.methods import kv_compression as kvc
 
 RAZOR = "razor"
@@ -85,7 +85,7 @@ def build(args, hm, rng: random.Random | None = None) -> list:
             scores, g.n_kv_heads, "max" if args.kv_rule == "max" else "mean")
         if getattr(args, "random_heads", False):
             flat = kv.flatten()
-            kv = flat[torch_perm(flat.numel(), rng or random.Random(args.seed))].view_as(kv)
+            kv = flat[_shuffled(flat.numel(), rng or random.Random(args.seed))].view_as(kv)
         budget = args.sink + args.recent
         return [kvc.kv_edit(budgets=kvc.headkv_budgets(kv, budget, min(HEADKV_FLOOR, budget)))]
     full = kvc.full_heads_from_scores(scores, g.n_kv_heads, args.full_share, args.kv_rule)
@@ -94,7 +94,7 @@ def build(args, hm, rng: random.Random | None = None) -> list:
     return [kvc.kv_edit(full, sink=args.sink, recent=args.recent)]
 
 
-def torch_perm(n: int, rng: random.Random):
+def _shuffled(n: int, rng: random.Random):
     order = list(range(n))
     rng.shuffle(order)
     return order

@@ -30,7 +30,6 @@ statistics) see the full heads' keys only and are refused together with it.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 from typing import Iterator, Sequence
 
