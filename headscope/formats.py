@@ -40,10 +40,22 @@ _HEAD = re.compile(r"^\s*(\d+)-(\d+)\s*$")
 
 
 # ------------------------------------------------------------------------------- provenance
-def weights_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes and bytes, by name)."""
+def weights_sha256(model: torch.nn.Module) -> str | None:
+    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes and bytes, by name).
+    Weights offloaded by a device map (meta tensors here) are hashed from the model folder's weight
+    files instead, as ``files:<sha256>``; None when neither is readable."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        folder = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "")))
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        for path in files:
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+        return f"files:{digest.hexdigest()}" if files else None
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

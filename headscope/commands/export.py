@@ -71,7 +71,8 @@ def run(args) -> int:
     recorded = scores.params.get("provenance", {})
     prov = formats.provenance(hm, task=recorded.get("task"), prompt_set_sha256=recorded.get("prompt_set_sha256"),
                               seed=recorded.get("seed"))
-    if recorded.get("weights_sha256") not in (None, prov["weights_sha256"]):
+    same_kind = str(recorded.get("weights_sha256")).startswith("files:") == str(prov["weights_sha256"]).startswith("files:")
+    if same_kind and recorded.get("weights_sha256") not in (None, prov["weights_sha256"]):
         raise HeadscopeError(f"{args.ranking} was scored on other weights (sha256 {recorded['weights_sha256'][:12]}...) "
                              f"than {model} ({prov['weights_sha256'][:12]}...); export it with the model it ranks")
     files = formats.export(scores, args.fmt, out, prov=prov, n_kv_heads=g.n_kv_heads, rule=args.kv_rule,
