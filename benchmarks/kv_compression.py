@@ -39,7 +39,7 @@ SHARES = (0.0, 0.125, 0.25, 0.5, 1.0)
 # ------------------------------------------------------------------------------- accuracy
 def accuracy(args) -> dict:
     from headscope.analyzers.retrieval import needle_accuracy, retrieval_heads
-    from headscope.methods import kv_compression as kvc
+    from headscope.interventions.kinds import kv_compress as kvc
     from headscope.model import HeadModel
     from headscope.tasks.needle import NeedleTask
     from headscope import zoo
@@ -133,7 +133,7 @@ model = tf.LlamaForCausalLM(cfg).eval()
 model.set_attn_implementation("sdpa")
 ids = torch.randint(3, 1024, (1, {n}), generator=torch.Generator().manual_seed(1))
 from headscope.model import HeadModel
-from headscope.methods import kv_compression as kvc
+from headscope.interventions.kinds import kv_compress as kvc
 hm = HeadModel(model)
 new = {new}
 with torch.no_grad():

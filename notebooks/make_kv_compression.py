@@ -14,7 +14,7 @@ cells = [
            "random tokens) and random heads."),
     ("code", "import random, torch, pandas as pd\n"
              "from headscope import HeadModel, NeedleTask, retrieval_heads, needle_accuracy, zoo\n"
-             "from headscope.methods import kv_compression as kvc\n"
+             "from headscope.interventions.kinds import kv_compress as kvc\n"
              "from headscope.plots import Figure\n"
              "import plotly.graph_objects as go\n\n"
              "torch.manual_seed(0)\n"
@@ -33,7 +33,7 @@ cells = [
              "print(f\"full cache accuracy {full_cache:.3f}\")\n"
              "kvc.full_heads_from_scores(ranking, g.n_kv_heads, 0.25).int()"),
     ("code", "def run(full, sink=4, recent=64):\n"
-             "    with hm.kv_compress(full, sink=sink, recent=recent) as state:\n"
+             "    with kvc.compress(hm, full, sink=sink, recent=recent) as state:\n"
              "        acc = needle_accuracy(hm, trials, progress=False)[\"correct\"].mean()\n"
              "    return acc, state.longest[\"kv_bytes_held\"], state.longest[\"kv_bytes_full\"]\n\n"
              "rng = random.Random(0)\n"
@@ -62,7 +62,7 @@ cells = [
            "token; streaming heads `sink + recent` slots, whatever the context length."),
     ("code", "full = kvc.full_heads_from_scores(ranking, g.n_kv_heads, 0.25)\n"
              "ids = torch.tensor([trials[0].prompt_ids])\n"
-             "with torch.no_grad(), hm.kv_compress(full, sink=4, recent=64) as state:\n"
+             "with torch.no_grad(), kvc.compress(hm, full, sink=4, recent=64) as state:\n"
              "    hm.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=hm.tokenizer.pad_token_id)\n"
              "held = torch.tensor([[h[k][\"tokens\"] for k in sorted(h)] for h in state.cache.held()])\n"
              "for i in (0, 1):  # layer 0: both KV heads streaming; layer 1: both full\n"
@@ -77,7 +77,7 @@ cells = [
            "in proportion to the KV heads' retrieval scores with a floor of 8; each head keeps the prompt "
            "tokens its last 8 queries attend to most (SnapKV)."),
     ("code", "budgets = kvc.headkv_budgets(kvc.kv_group_scores(ranking, g.n_kv_heads, \"mean\"), budget=68, floor=8)\n"
-             "with hm.kv_compress(policy=\"headkv\", budgets=budgets) as state:\n"
+             "with kvc.compress(hm, policy=\"headkv\", budgets=budgets) as state:\n"
              "    acc = needle_accuracy(hm, trials, progress=False)[\"correct\"].mean()\n"
              "print(f\"headkv accuracy {acc:.3f}, KV held {state.longest['kv_bytes_held'] / 1024:.1f} KiB\")\n"
              "fig = Figure(go.Heatmap(z=budgets.tolist(), x=[f\"KV {k}\" for k in range(g.n_kv_heads)],\n"

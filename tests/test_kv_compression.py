@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from headscope.errors import HeadscopeError
-from headscope.methods import kv_compression as kvc
+from headscope.interventions.kinds import kv_compress as kvc
 from headscope.model import HeadModel
 
 
@@ -253,12 +253,12 @@ def test_edit_kind_and_headmodel_api_agree(llama):
     assert Edit.from_dict(edit.to_dict()) == edit
     with torch.no_grad(), intervene(llama, [edit]):
         a = llama.model(ids, attention_mask=mask).logits
-    with torch.no_grad(), llama.kv_compress(full, sink=2, recent=7) as state:
+    with torch.no_grad(), kvc.compress(llama, full, sink=2, recent=7) as state:
         b = llama.model(ids, attention_mask=mask).logits
     assert torch.equal(a, b) and state.longest["tokens"] == 33
     want = masked_reference(llama, ids, mask, duo_rule(full, 2, 7))
     assert (a[mask.bool()] - want[mask.bool()]).abs().max().item() < 1e-5
-    with pytest.raises(RuntimeError), llama.kv_compress(full, sink=2, recent=7):
+    with pytest.raises(RuntimeError), kvc.compress(llama, full, sink=2, recent=7):
         raise RuntimeError("inside")
     assert not llama.hooks_installed() and not llama.model._forward_pre_hooks and not llama.model._forward_hooks
     with pytest.raises(HeadscopeError, match="needs options"):
@@ -271,6 +271,6 @@ def test_attention_statistics_refused_on_a_compressed_cache(llama):
     full = torch.tensor([[True, False], [False, False]])
     ids = torch.randint(3, 128, (1, 20))
     with pytest.raises(HeadscopeError, match="cannot run on a compressed"):
-        with llama.kv_compress(full, sink=2, recent=4), llama.attention_stats(["top1"]):
+        with kvc.compress(llama, full, sink=2, recent=4), llama.attention_stats(["top1"]):
             llama.model(ids)
     assert not llama.hooks_installed()

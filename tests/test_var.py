@@ -110,7 +110,7 @@ def reference_model(path, options, p):
 @pytest.mark.parametrize("path", ["dense", "streamed"])
 def test_var_equals_eager_reference_batch2_left_padded(llava_path, path, monkeypatch):
     # short contexts build the rows' pattern outright; long ones stream through the fused kernel
-    from headscope.interventions import var
+    from headscope.interventions.kinds import var
 
     monkeypatch.setattr(var, "DENSE_SCORES", 1 << 30 if path == "dense" else 0)
     hm = HeadModel.load(llava_path)

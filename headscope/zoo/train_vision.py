@@ -19,6 +19,7 @@ alone scaled by 2 (as VHR does) and by 0 (ablation), and their change from the u
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -26,9 +27,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from headscope.interventions import Edit, intervene
+from headscope.io import write_whole
+from headscope.model import HeadModel
 from headscope.tasks import shapes
-from headscope.zoo.training import build_word_tokenizer, organism_config, seed_everything, train_loop
+from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
 IMAGE_TOKEN = "<image>"
 PATCH = 8
@@ -39,9 +46,6 @@ def build_processor():
     """The LlavaProcessor: CLIP image processing with PIL (any image resized to 32 x 32, which leaves
     the scenes' own 32 x 32 images unchanged; no crop; mean = std = 0.5) and a word tokenizer over
     the scene vocabulary plus the ``<image>`` token (left padding)."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     words = ["describe", ":", "is", "there", "a", "?", "and", ".", "yes", "no", "\n"]
     tokenizer = build_word_tokenizer([" ".join(words + list(shapes.KINDS) + list(shapes.COLOURS))])
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -54,8 +58,6 @@ def build_processor():
 
 
 def build_model(processor, hidden: int, layers: int, heads: int, kv_heads: int, vision_hidden: int, vision_layers: int):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
     tokenizer = processor.tokenizer
     text = organism_config(tokenizer, hidden=hidden, intermediate=4 * hidden, layers=layers, heads=heads,
                            kv_heads=kv_heads, max_positions=64)
@@ -109,8 +111,6 @@ def make_batch_fn(processor, batch: int, seed: int, absent: float):
 def write_probe_set(out, n: int = 16, seed: int = 2) -> None:
     """``images/*.png`` (typical scenes, a seed apart from training and held-out sets) and
     ``prompts.jsonl`` pairing each with the caption prompt: inputs for VHD on the organism."""
-    import json
-
     folder = Path(out) / "images"
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -125,10 +125,6 @@ GROUND_TRUTH_MEASURES = ("chair_i", "chair_s", "caption_recall", "pope_adversari
 
 def ground_truth(hm, n: int = 100, seed: int = 1, factors=(2.0, 0.0), progress: bool = True) -> pd.DataFrame:
     """Per head, each measure with that head alone scaled by each factor, and its change from the base."""
-    from tqdm.auto import tqdm
-
-    from headscope.interventions import Edit, intervene
-
     scenes = shapes.heldout_scenes(n, seed)
 
     def measure() -> dict:
@@ -169,10 +165,6 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-ground-truth", action="store_true", help="skip the per-head ground truth")
     args = p.parse_args(argv)
-
-    from headscope.model import HeadModel
-    from headscope.scores import _write_whole
-    from headscope.zoo.training import save_organism
 
     seed_everything(args.seed, threads=args.threads)
     processor = build_processor()
@@ -218,7 +210,7 @@ def main(argv=None) -> None:
     write_probe_set(args.out)
     if not args.no_ground_truth:
         truth = ground_truth(hm, args.heldout, args.seed + 1)
-        _write_whole(Path(args.out) / "ground_truth.csv", truth.to_csv(index=False, float_format="%.4f"))
+        write_whole(Path(args.out) / "ground_truth.csv", truth.to_csv(index=False, float_format="%.4f"))
         print(truth.to_string(index=False, float_format="%.3f"))
     print(f"saved to {args.out}")
 
