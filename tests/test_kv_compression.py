@@ -243,7 +243,7 @@ def test_headkv_generate_matches_masked_reference(llama):
 
 
 def test_edit_kind_and_headmodel_api_agree(llama):
-    """The same compression through intervene(Edit) and through HeadModel.kv_compress; hooks removed
+    """The same compression through intervene(Edit) and through kvc.compress; hooks removed
     afterwards, also after an error inside the block."""
     from headscope.interventions import Edit, intervene, load_edits, save_edits
 

@@ -1,5 +1,5 @@
 """``headscope eval --task NAME``: the task metric, optionally under edits (--ablate, --scale, --vhr,
---var, --inject, --edits: every edit kind's flags, headscope.cli.edit_flags), under DeCoRe decoding
+--var, --inject, --kv-compress, --edits: every edit kind's flags, headscope.cli.edit_flags), under DeCoRe decoding
 (--decore, a method that owns the decoding loop), or with random heads (--random K, --random-heads).
 The metric is the last line printed (``accuracy: 0.93``)."""
 
