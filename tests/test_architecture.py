@@ -25,6 +25,7 @@ LAZY_FOR_IMPORT_TIME = {
 # one floor are siblings and do not import each other.
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("headscope.errors", "headscope.io", "headscope.heads", "headscope.organisms", "headscope.progress",
+              "headscope.published",
               "headscope.validate", "headscope.data", "headscope.plots", "headscope.remote", "headscope_kernels")},
     {"hf / results": ("headscope.hf", "headscope.scores"),
      # the two registries import only errors: sharding (below the analyzers) looks up joins in one
@@ -34,7 +35,7 @@ FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"sharding": ("headscope.sharding",)},
     {"analyzers": ("headscope.analyzers",)},
     {"interventions": ("headscope.interventions",)},  # edits take HeadScores and analyzers' selections
-    {"methods": ("headscope.methods", "headscope.interop")},
+    {"methods": ("headscope.methods", "headscope.interop", "headscope.formats")},  # formats: exchange files, as interop
     {"zoo": ("headscope.zoo",)},
     {"cli": ("headscope.cli",)},
     {"public face": ("headscope",)},

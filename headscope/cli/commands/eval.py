@@ -1,5 +1,5 @@
 """``headscope eval --task NAME``: the task metric, optionally under edits (--ablate, --scale, --vhr,
---var, --inject, --edits: every edit kind's flags, headscope.cli.edit_flags), under DeCoRe decoding
+--var, --inject, --kv-compress, --edits: every edit kind's flags, headscope.cli.edit_flags), under DeCoRe decoding
 (--decore, a method that owns the decoding loop), or with random heads (--random K, --random-heads).
 The metric is the last line printed (``accuracy: 0.93``)."""
 
@@ -16,6 +16,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import format_heads, parse_heads
 from headscope.scores import check_ranking
 from headscope.interventions import intervene
+from headscope.interventions.kinds.kv_compress import mean_interval
 from headscope.scores import HeadScores
 from headscope.validate import positive_int
 
@@ -90,6 +91,9 @@ def run(args, task) -> int:
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
         spread = {k: (sum((d[k] - result[k]) ** 2 for d in draws) / max(len(draws) - 1, 1)) ** 0.5 for k in result}
         print(f"std over {len(draws)} draws: " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()))
+        for k in result:
+            _, lo, hi = mean_interval([d[k] for d in draws], seed=args.seed)
+            print(f"{k}: mean {result[k]:.3f}, 95 % bootstrap interval [{lo:.3f}, {hi:.3f}] over {len(draws)} draws")
     elif mode not in ("none", "random"):
         heads, chosen = edit_heads(args, hm, mode)
         print(f"{announce(args, mode)} {chosen}: {format_heads(heads)}")
@@ -109,6 +113,8 @@ def run(args, task) -> int:
         result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
     else:
         result = metrics([])
+    for line in edit_flags.report(args):  # e.g. --kv-compress: the cache's bytes, before the metric
+        print(line)
     for name, value in result.items():
         print(f"{name}: {value:.3f}")
     return 0

@@ -35,8 +35,6 @@ def _build_scale(args, hm, rng, heads) -> list[Edit]:
 def _vhr_arguments(parser) -> None:
     parser.add_argument("--vhr-layers", type=number_list(int), default=None,
                         help="with --vhr: comma-separated layers (default: the CSV's)")
-    parser.add_argument("--random-heads", action="store_true",
-                        help="with --vhr: random heads instead, the same count per layer (control)")
 
 
 def _check_vhr(args) -> None:
@@ -63,6 +61,7 @@ KIND = registry.register(registry.EditKind(
                          describe=lambda args: (f"scaling by {args.alpha:g}", [])),
         registry.CliFlag("vhr", "VHR: multiply the z of the heads this VHD ranking selects (above their layer's "
                          "median in its layers) by --alpha (He et al. 2025)", _build_vhr, takes="file",
-                         metavar="CSV", strength="alpha", arguments=_vhr_arguments, check=_check_vhr),
+                         metavar="CSV", strength="alpha", arguments=_vhr_arguments, check=_check_vhr,
+                         random=True),
     ),
 ))
