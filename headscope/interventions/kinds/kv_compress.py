@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from headscope.hf.cache import Cache, CacheLayerMixin, DynamicCache
 
 from headscope import organisms
 from headscope.analyzers.classic import head_type_scores, repeated_random_tokens
