@@ -19,9 +19,8 @@ ORGANISMS: dict[str, str] = {
     "(python -m headscope.zoo.train_multitask)",
     "topics": "Tiny Llama over filler words where trigger words make later words colours, animals or numbers; "
     "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
-    "icl": "Tiny Llama (GQA) with four word-to-word tasks told apart by demonstrations (next / prev, colour / animal; "
-    "10-shot 1.00 on each); "
-    "0-shot it cannot tell them apart, for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
+    "icl": "Tiny Llama (GQA) with twelve tasks over one vocabulary that only demonstrations tell apart (one "
+    "demonstration fits three tasks); for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
     "vision": "Tiny LLaVA (CLIP vision tower + Llama) captioning coloured shapes; a co-occurrence prior makes it "
     "hallucinate partner shapes (python -m headscope.zoo.train_vision)",
 }
@@ -59,8 +58,18 @@ def organism_info(name: str) -> dict:
     return json.loads((path / "organism.json").read_text())
 
 
+def _example_from_organism_json(name: str) -> None:
+    """An organism whose prompt is made by its trainer keeps it in organism.json (``example``)."""
+    example = organism_info(name).get("example")
+    if example and name not in EXAMPLE_PROMPTS:
+        EXAMPLE_PROMPTS[name] = (example["prompt"], example["answer"])
+
+
 def ground_truth_path(name: str) -> Path | None:
     path = organism_path(name)
     if path is None or not (path / "ground_truth.csv").exists():
         return None
     return path / "ground_truth.csv"
+
+
+_example_from_organism_json("icl")
