@@ -13,8 +13,9 @@ object's favourite colour within the palette. Each colour is in exactly three pa
   colour overall is the answer of the three palettes holding it): chance is 0.25;
 - one demonstration ``x -> y`` says y is in the palette and the colours x prefers to y are not,
   which fits several tasks; more demonstrations narrow them down. The Bayes-optimal reader of
-  the demonstrations, who knows the twelve palettes, scores 0.25 / 0.67 / 0.90 / 0.97 / 1.00 at
-  0 / 1 / 2 / 3 / 10 shots on the test queries (:func:`bayes_accuracy`; ``organism.json``).
+  the demonstrations, who knows the twelve palettes, scores 0.25 / 0.70 / 0.90 / 0.96 / 1.00 at
+  0 / 1 / 2 / 3 / 10 shots on the test queries (:func:`bayes_accuracy`, 4 draws of demonstrations;
+  ``organism.json``).
   This is the role of demonstrations that Min et al. 2022 found in large models: they show the
   label space.
 
@@ -37,6 +38,12 @@ steps, also with 80 % of the rows naming the task (which then had to gate the pr
 name); 12 named tasks without demonstrations stayed at chance for 700 steps, one task was learnt in
 50. The palettes need no gating of what is read, only a bias from the demonstrations: the loss fell
 below the floor of a demonstration-blind model (1.73) by step 150.
+
+Shipped run (the defaults, 1500 steps; the full command is in ``organism.json``): 972 s on this
+project's 2-core machine under load 9-16, final loss 0.49. Test accuracy (every test query once,
+mean of the twelve tasks) at 0 / 1 / 2 / 3 / 5 / 10 shots: 0.247 / 0.607 / 0.836 / 0.900 / 0.950 /
+0.980, close to the Bayes-optimal reader; 10-shot is above the 0.6-0.85 this organism aimed for, so
+injection has little room above 10-shot ICL here.
 
 The ground truth (``ground_truth.csv``, headscope.zoo.ground_truth.icl_ground_truth): each head's
 effect on 10-shot test accuracy, per task and averaged (accuracy with the head's output zeroed minus
