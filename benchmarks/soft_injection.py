@@ -243,8 +243,7 @@ def spearman_vs_truth(result: dict) -> dict:
 
 def readme_block(result: dict) -> str:
     """The README's table and verdict, from the benchmark's JSON."""
-    acc = result["accuracy"]
-    v = result["verdict"] = judge(acc)
+    acc, v = result["accuracy"], judge(result["accuracy"])
     lines = ["| 0-shot prompt unless said, test accuracy (mean of the tasks) | mean | 95 % interval | draws |",
              "|---|---|---|---|"]
     for m, label in LABELS.items():
@@ -316,6 +315,7 @@ def main(argv=None) -> int:
     else:
         result = measure(args)
     result["spearman_vs_ground_truth"] = spearman_vs_truth(result)
+    result["verdict"] = judge(result["accuracy"])
     write_whole(Path(args.json), json.dumps(result, indent=2) + "\n")
     block = readme_block(result)
     print(f"<!-- bench:{BLOCK} -->\n{block}\n<!-- bench:{BLOCK}:end -->")
