@@ -11,6 +11,8 @@ Runs, one after another (run it on a quiet machine: nothing else running):
   long_context.py  --lengths 1024,4096,8192,16384,32768    -> benchmarks/long_context.json
                    (+ the needle comparison at 8192 tokens)
   var_generate.py  --new 16 --threads 1 --organism vision --repeats 10  -> benchmarks/var_generate.json
+  soft_injection.py --repeats 3 --draws 20                  -> benchmarks/soft_injection.json
+                   (accuracy against its controls; it prints and writes its own table)
 then prints the markdown rows (and with --readme writes them between the README's
 ``<!-- bench:NAME -->`` / ``<!-- bench:NAME:end -->`` markers). The GPU table needs a GPU
 (benchmarks/kernel_gpu.py) and is not rerun here.
@@ -158,6 +160,7 @@ def main() -> None:
         run("var_generate.py", "--new", "16", "--repeats", str(max(args.repeats, 10)), "--threads", "1",
             "--organism", "vision",
             "--json", str(out / "var_generate.json"))
+        run("soft_injection.py", "--repeats", reps, "--draws", "20", "--json", str(out / "soft_injection.json"))
         print(f"all benchmarks: {time.perf_counter() - start:.0f} s", flush=True)
     blocks = {"kernel-cpu": kernel_rows(out / "kernel_cpu.json"),
               "cpu-tile": tile_rows(out / "kernel_cpu_tile.json"),
@@ -167,6 +170,8 @@ def main() -> None:
         print(f"\n<!-- bench:{name} -->\n{body}\n<!-- bench:{name}:end -->")
     if args.readme:
         write_readme(blocks)
+    run("soft_injection.py", "--only-print", "--json", str(out / "soft_injection.json"),
+        *(["--readme"] if args.readme else []))
 
 
 if __name__ == "__main__":
