@@ -37,7 +37,7 @@ from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
 from headscope.io import write_whole
 
 __all__ = ["TaskEmbedding", "accuracy", "task_embedding", "fit_soft_selection", "function_vector_heads",
-           "compare_methods", "prompt_cost", "organism_ground_truth"]
+           "compare_methods", "prompt_cost"]
 
 
 # ------------------------------------------------------------------------------------- model calls

@@ -87,7 +87,7 @@ def icl_ground_truth(folder, *, k: int = 10, n: int | None = 50, seed: int = 0, 
         row["effect"] = round(sum(row[f"effect_{t.name}"] for t in tasks) / len(tasks), 4)
         rows.append(row)
     path = folder / "ground_truth.csv"
-    _write_whole(path, pd.DataFrame(rows).to_csv(index=False))
+    write_whole(path, pd.DataFrame(rows).to_csv(index=False))
     record = info.setdefault("training", {})
     for shots in sorted({0, 1, k}):
         acc = {t.name: accuracy(hm, t, shots, seed=seed, batch_size=50) for t in tasks}
@@ -96,7 +96,7 @@ def icl_ground_truth(folder, *, k: int = 10, n: int | None = 50, seed: int = 0, 
     queries = "every test query once" if n is None else f"{n} test queries per task drawn with replacement"
     info["ground_truth"] = (f"effect of zeroing each head alone on {k}-shot accuracy ({queries}, demonstrations "
                             f"from the train split, seed {seed})")
-    _write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
+    write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
     print(f"{k}-shot accuracy:", record[f"accuracy_{k}_shot"], " 0-shot:", record["accuracy_0_shot"])
     return path
 
