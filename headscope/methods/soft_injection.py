@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.errors import HeadscopeError
+from headscope.analyzers import registry
 from headscope.hf.inputs import left_padded_positions
 from headscope.interventions.edits import Edit, intervene
 from headscope.interventions.kinds.inject import TaskEmbedding
@@ -221,3 +222,7 @@ def prompt_cost(hm, task: IclTask, k: int, *, fmt: PromptFormat = PromptFormat()
                     _forward(hm, batch)
         best = min(best, time.perf_counter() - start)
     return {"tokens": sum(b.input_ids.shape[1] for b in encoded) / len(encoded), "seconds": best / len(encoded)}
+
+
+registry.register(registry.Analyzer("function_vector_cie", function_vector_heads,
+                                    doc="function-vector heads by causal indirect effect (Todd et al. 2024)"))
