@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import random
 import sys
 
 from headscope.commands import COMMAND_MODULES, TASK_MODULES, edit_flags
+from headscope.controls import MIN_DRAWS, random_control
 from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES, check_ranking, check_selection, format_head, format_heads, parse_heads, select_heads
 from headscope.validate import check_output, finite_float, nonnegative_int, positive_int
@@ -68,7 +68,8 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--exclude", metavar="CSV|HEADS",
                     help="with --random: never draw this ranking's --top heads, or these heads (L1H5,L1H4)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--draws", type=positive_int, default=1, help="with --random: average over this many draws")
+    ev.add_argument("--draws", type=positive_int, default=MIN_DRAWS,
+                    help=f"with --random / --random-heads: draws of the control [{MIN_DRAWS}]; mean and 95%% bootstrap interval")
     ev.add_argument("--ablation", choices=("zero", "uniform"), default="zero",
                     help="zero the head output, or give it uniform attention")
     add_edit_arguments(ev)
@@ -250,14 +251,8 @@ def _eval(args, task) -> int:
     if edit_flags.is_random(args):
         if mode != "none":
             raise HeadscopeError("--random-heads is its own control; do not combine it with --ablate/--scale/--decore/--random")
-        rng = random.Random(args.seed)
-        draws = []
-        for draw in range(args.draws):
-            draws.append(metrics([], rng))
-            print(f"draw {draw}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
-        result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
-        spread = {k: (sum((d[k] - result[k]) ** 2 for d in draws) / max(len(draws) - 1, 1)) ** 0.5 for k in result}
-        print(f"std over {len(draws)} draws: " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()))
+        control = random_control(lambda rng: metrics([], rng), args.draws, args.seed, _print_draw)
+        result = _print_control(control)
     elif mode in ("ablate", "scale", "decore"):
         heads, chosen = edit_heads(args, hm, mode)
         detail = {"ablate": f"ablating ({args.ablation})", "scale": f"scaling by {args.alpha:g}",
@@ -271,19 +266,31 @@ def _eval(args, task) -> int:
         pool = [h for h in hm.all_heads() if h not in excluded]
         if not 0 < args.random <= len(pool):
             raise HeadscopeError(f"--random must be between 1 and {len(pool)} (heads available); got {args.random}")
-        rng = random.Random(args.seed)
-        draws = []
-        for draw in range(args.draws):
+        what = f"ablating ({args.ablation})" if how == "ablate" else {"scale": "scaling", "decore": "DeCoRe, masking"}[how]
+
+        def draw(rng) -> dict[str, float]:
             heads = sorted(rng.sample(pool, args.random))
-            draws.append(metrics(heads))
-            what = f"ablating ({args.ablation})" if how == "ablate" else {"scale": "scaling", "decore": "DeCoRe, masking"}[how]
-            print(f"draw {draw}: {what} {format_heads(heads)}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
-        result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
+            print(f"{what} {format_heads(heads)}")
+            return metrics(heads)
+
+        result = _print_control(random_control(draw, args.draws, args.seed, _print_draw))
     else:
         result = metrics([])
     for name, value in result.items():
         print(f"{name}: {value:.3f}")
     return 0
+
+
+def _print_draw(i: int, result: dict) -> None:
+    print(f"draw {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+
+
+def _print_control(control) -> dict[str, float]:
+    """Print a random control's mean and 95 % bootstrap interval per metric; return the means."""
+    note = "" if control.n >= MIN_DRAWS else f" (fewer than {MIN_DRAWS} draws: no claim against chance)"
+    print(f"random control, {control.n} draws (seed {control.seed}), mean [95% bootstrap interval]{note}: "
+          + ", ".join(f"{k} {control.cell(k)}" for k in control.mean))
+    return control.mean
 
 
 def _excluded(args, hm=None) -> list:

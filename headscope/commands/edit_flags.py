@@ -7,7 +7,7 @@ method adds one :class:`EditFlag` to ``EDIT_FLAGS``; generate and eval need no c
     --edits FILE          any saved edits (save_edits JSON)
     --vhr CSV             VHR (He et al. 2025): scale the VHD-selected heads by --alpha [2.0]
       --random-heads      ... on random heads, the same count per layer (eval: --draws N --seed S)
-    --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, --var-tau)
+    --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, --var-tau, --var-rule)
     --inject FILE         soft injection (Park & Rhee 2025): a task embedding from `headscope inject fit`
 """
 
@@ -95,7 +95,11 @@ def _add_var(parser):
                         help="VAR: move attention off sink tokens onto the rest of the image (Kang et al. 2025)")
     parser.add_argument("--var-p", type=float, default=0.6, help="with --var: factor on sink weights [0.6]")
     parser.add_argument("--var-rho", type=float, default=0.5, help="with --var: max sink share of image attention [0.5]")
-    parser.add_argument("--var-tau", type=float, default=20.0, help="with --var: visual-sink threshold on phi [20]")
+    parser.add_argument("--var-tau", type=float, default=None, help="with --var: visual-sink threshold on phi "
+                        "[20 * sqrt(d_model / 4096): the reference's 20 scaled to the model's width]")
+    parser.add_argument("--var-rule", choices=("paper", "first-token"), default="paper",
+                        help="with --var: act only where an image token is a visual sink [paper], or also treat "
+                        "the first token as a sink everywhere (headscope's former rule)")
 
 
 def _build_var(args, hm, rng):
@@ -106,7 +110,7 @@ def _build_var(args, hm, rng):
 
     vision.require_vision(hm, "--var")
     batch = calibration_inputs(hm)
-    return [var_edit(hm, batch, p=args.var_p, rho=args.var_rho, tau=args.var_tau)]
+    return [var_edit(hm, batch, p=args.var_p, rho=args.var_rho, tau=args.var_tau, rule=args.var_rule)]
 
 
 def calibration_inputs(hm) -> dict:
