@@ -22,7 +22,8 @@ Kinds (docs/METHODS.md, "Interventions"), with strength ``s`` and the head's out
   prefix (DeCoRe's masking, Gema et al. 2024)
 
 Kinds defined in their own modules (``KIND_MODULES``: ``var``, Kang et al. 2025, in
-``headscope.interventions.var``) carry their parameters in ``options`` (a JSON dict) and reach
+``headscope.interventions.var``; ``vhr``, per-input VHR, He et al. 2025, in
+``headscope.interventions.vhr``) carry their parameters in ``options`` (a JSON dict) and reach
 ``intervene``, ``generate`` and ``eval`` through the same path: the module's ``apply(hm, edit, state)``
 context manager. A new method adds one line to ``KIND_MODULES``.
 
@@ -64,7 +65,7 @@ Head = tuple[int, int]
 Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
 Q_KINDS = ("query_scale", "uniform")
 # kind -> module defining DEFAULT_STRENGTH, check(edit) and apply(hm, edit, state) (a context manager)
-KIND_MODULES = {"var": "headscope.interventions.var"}
+KIND_MODULES = {"var": "headscope.interventions.var", "vhr": "headscope.interventions.vhr"}
 KINDS = Z_KINDS + Q_KINDS + tuple(KIND_MODULES)
 ALIASES = {"resample": "patch", "ablate": "zero", "reweight": "scale"}
 DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "inject": 1.0, "query_scale": 1e-4, "uniform": 1.0}
