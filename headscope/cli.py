@@ -316,7 +316,8 @@ def _models(args) -> int:
     for name, description in zoo.ORGANISMS.items():
         info = zoo.organism_info(name)
         prompt = json.dumps(zoo.EXAMPLE_PROMPTS[name][0]) if name in zoo.EXAMPLE_PROMPTS else ""
-        print(f"{name}\t{info.get('description', description)}\t{zoo.organism_path(name)}\t{prompt}")
+        image = f"--image {zoo.organism_path(name) / zoo.EXAMPLE_IMAGES[name]}" if name in zoo.EXAMPLE_IMAGES else ""
+        print(f"{name}\t{info.get('description', description)}\t{zoo.organism_path(name)}\t{prompt}\t{image}".rstrip("\t"))
     return 0
 
 

@@ -5,7 +5,8 @@ Every flag turns into :class:`~headscope.interventions.Edit` data (the same data
 method adds one :class:`EditFlag` to ``EDIT_FLAGS``; generate and eval need no change::
 
     --edits FILE          any saved edits (save_edits JSON)
-    --vhr CSV             VHR (He et al. 2025): scale the VHD-selected heads by --alpha [2.0]
+    --vhr per-input       VHR (He et al. 2025): scale each input's own VHD-selected heads by --alpha [2.0]
+    --vhr CSV             ... heads fixed once from a probe set's VHD ranking (a variant)
       --random-heads      ... on random heads, the same count per layer (eval: --draws N --seed S)
     --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, --var-tau, --var-rule)
     --inject FILE         soft injection (Park & Rhee 2025): a task embedding from `headscope inject fit`
@@ -47,12 +48,20 @@ def _build_file(args, hm, rng):
     return load_edits(args.edits) if getattr(args, "edits", None) else []
 
 
+PER_INPUT = "per-input"
+
+
 def _add_vhr(parser):
-    parser.add_argument("--vhr", metavar="CSV", help="VHR: multiply the z of the heads this VHD ranking selects "
-                        "(above their layer's median in its layers) by --alpha (He et al. 2025)")
-    parser.add_argument("--vhr-layers", type=number_list(int), default=None, help="with --vhr: comma-separated layers (default: the CSV's)")
+    parser.add_argument("--vhr", metavar="per-input|CSV",
+                        help="VHR (He et al. 2025): multiply by --alpha the z of the heads above their layer's median "
+                        "VHD; 'per-input': VHD of each input at prefill, heads reused at every step (the paper's rule); "
+                        "a VHD ranking CSV: heads fixed once from that probe set (a variant)")
+    parser.add_argument("--vhr-layers", type=number_list(int), default=None,
+                        help="with --vhr: comma-separated layers (default: the CSV's, or the last 14/32 per input)")
+    parser.add_argument("--vhr-reselect", action="store_true",
+                        help="with --vhr per-input: re-choose the heads before every decode step (the paper's text)")
     parser.add_argument("--random-heads", action="store_true",
-                        help="with --vhr: random heads instead, the same count per layer (control)")
+                        help="with --vhr: random heads instead, the same count per layer (control; eval: --draws)")
     if not any(a.dest == "alpha" for a in parser._actions):
         parser.add_argument("--alpha", type=float, default=2.0, help="with --vhr: the factor on z [2.0]")
 
@@ -66,28 +75,51 @@ def check_alpha(alpha: float) -> float:
 def _check_vhr(args):
     from headscope.heads import check_ranking
 
-    if getattr(args, "vhr", None):
-        check_ranking(args.vhr, None)
-    elif getattr(args, "random_heads", False):
-        raise HeadscopeError("--random-heads needs --vhr CSV (it draws as many heads per layer as VHR selects)")
+    vhr = getattr(args, "vhr", None)
+    if vhr and vhr != PER_INPUT:
+        check_ranking(vhr, None)
+    elif getattr(args, "random_heads", False) and not vhr:
+        raise HeadscopeError("--random-heads needs --vhr per-input or --vhr CSV (it draws as many heads per layer as "
+                             "VHR selects)")
+    if getattr(args, "vhr_reselect", False) and vhr != PER_INPUT:
+        raise HeadscopeError("--vhr-reselect needs --vhr per-input")
+
+
+def per_layer_count_heads(layers, n_heads: int) -> list:
+    """A template of VHR's per-layer count: strictly above the (lower) median of n_heads values is
+    n_heads // 2 heads in each layer (ties aside), for the random control of per-input VHR."""
+    return [(layer, i) for layer in layers for i in range(n_heads // 2)]
 
 
 def _build_vhr(args, hm, rng):
     if not getattr(args, "vhr", None):
         return []
-    from headscope.analyzers.vision import select_heads
+    from headscope.analyzers.vision import default_layers, select_heads
     from headscope.heads import same_layer_random_heads
     from headscope.interventions import Edit
     from headscope.scores import HeadScores
 
-    scores = HeadScores.from_csv(args.vhr, grid=(hm.geometry.n_layers, hm.geometry.n_heads))
-    layers = args.vhr_layers
-    heads = hm.check_heads(select_heads(scores, layers))
+    alpha = check_alpha(args.alpha)
+    g = hm.geometry
+    if args.vhr == PER_INPUT:
+        layers = args.vhr_layers if args.vhr_layers is not None else default_layers(g.n_layers)
+        if not layers or not all(0 <= x < g.n_layers for x in layers):
+            raise HeadscopeError(f"--vhr-layers must lie in 0..{g.n_layers - 1}; got {layers}")
+        if args.random_heads:
+            heads = per_layer_count_heads(layers, g.n_heads)
+            return [Edit("scale", same_layer_random_heads(heads, g.n_heads, rng or random.Random(args.seed),
+                                                          exclude_given=False), strength=alpha)]
+        options = {"reselect": bool(args.vhr_reselect)}
+        if args.vhr_layers is not None:
+            options["layers"] = list(args.vhr_layers)
+        return [Edit("vhr", [], strength=alpha, options=options)]
+    scores = HeadScores.from_csv(args.vhr, grid=(g.n_layers, g.n_heads))
+    heads = hm.check_heads(select_heads(scores, args.vhr_layers))
     if not heads:
         raise HeadscopeError(f"{args.vhr} selects no heads (none above its layer median); check --vhr-layers")
     if args.random_heads:
-        heads = same_layer_random_heads(heads, hm.geometry.n_heads, rng or random.Random(args.seed), exclude_given=False)
-    return [Edit("scale", heads, strength=check_alpha(args.alpha))]
+        heads = same_layer_random_heads(heads, g.n_heads, rng or random.Random(args.seed), exclude_given=False)
+    return [Edit("scale", heads, strength=alpha)]
 
 
 def _add_var(parser):

@@ -40,7 +40,10 @@ EXAMPLE_PROMPTS: dict[str, tuple[str, str]] = {
                 "Sorry, I cannot help with that."),
     "multitask": ("ind saa sab sac sad sae saf sag sah saa sab sac", "sad sae saf"),
     "topics": ("the man was at home paint", "white"),
+    "vision": ("<image>\ndescribe :", "a yellow frame"),
 }
+# organisms whose example prompt needs an image: its path inside the organism's folder
+EXAMPLE_IMAGES: dict[str, str] = {"vision": "images/scene_01.png"}
 
 
 def organism_path(name: str) -> Path | None:
