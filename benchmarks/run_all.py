@@ -140,7 +140,7 @@ def vision_rows(path: Path) -> str:
         cells = []
         for metric, _ in VISION_COLUMNS:
             value = f"{r['metrics'][metric]:.3f}"
-            verdict = rows["verdicts"].get(key, {}).get(metric, "")
+            verdict = rows["verdicts"].get(key, {}).get(metric, "") if key.startswith("vhr") else ""  # head edits only
             cells.append(f"**{value}**" if verdict in ("beats random", "worse than random") else value)
         lines.append(f"| {label.format(heads=r.get('heads', ''))} | " + " | ".join(cells) + " |")
     cells = [f"{control['mean'][m]:.3f} [{control['interval'][m][0]:.3f}, {control['interval'][m][1]:.3f}]"
@@ -149,8 +149,8 @@ def vision_rows(path: Path) -> str:
                  f"{', '.join(map(str, report['layers']))}, x2 ({control['draws']} draws, mean [95% bootstrap "
                  f"interval]) | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{report['scenes']} held-out partner-absent scenes (seed {report['scene_seed']}); bold: outside "
-                 f"the random heads' interval. Against random heads:")
+    lines.append(f"{report['scenes']} held-out partner-absent scenes (seed {report['scene_seed']}); bold: a VHR figure "
+                 f"outside the random heads' interval (the 95% bootstrap interval of their mean). Against random heads:")
     names = dict(VISION_ROWS)
     for key in ("vhr_per_input", "vhr_fixed"):
         v = rows["verdicts"][key]
@@ -192,6 +192,25 @@ def vision_pursuit_rows(path: Path) -> str:
     lines.append(f"Random heads: the same count per layer, {report['draws']} draws, mean [95% bootstrap interval]; "
                  f"bold: below the interval (beats random). {report['scenes']} test scenes, {report['fit_scenes']} "
                  f"fitting scenes, x{report['alpha']:g}.")
+    return "\n".join(lines)
+
+
+def vision_sinks_rows(path: Path) -> str:
+    """Largest phi per layer of each vision model checked (benchmarks/vision_sinks.py)."""
+    report = json.loads(path.read_text())
+    lines = ["| model | d_model (sqrt d; tau scaled) | training steps | layer | max phi, image tokens | max phi, text "
+             "tokens | max abs h | massive dims | attention to the top-phi image token / mean image token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
+        label = name if name == "vision" else f"wider organism ({Path(name).name})"
+        for r in m["layers"]:
+            lines.append(f"| {label} | {m['d_model']} ({m['ceiling_sqrt_d']:.1f}; {m['tau_scaled']:.2f}) | "
+                         f"{m.get('training_steps', 'shipped')} | {r['layer']} | {r['max_phi_image']:.2f} | "
+                         f"{r['max_phi_text']:.2f} | {r['max_abs_h']:.1f} | {m['massive_dims'] or 'none'} | "
+                         f"{r['attention_top_phi_image_token']:.3f} / {r['attention_mean_image_token']:.3f} |")
+    lines.append("")
+    lines.append(f"{report['scenes']} held-out scenes, caption prompt; phi over every hidden dim (VAR itself "
+                 "uses only the massive dims).")
     return "\n".join(lines)
 
 
@@ -259,6 +278,8 @@ def main() -> None:
     if args.only in (None, "vision"):
         blocks.update({"vision": vision_rows(out / "vision_tables.json"), "vision-organism": vision_organism_rows(),
                        "vision-pursuit": vision_pursuit_rows(out / "vision_pursuit.json")})
+        if (out / "vision_sinks.json").exists():  # python benchmarks/vision_sinks.py --model vision [wider ...]
+            blocks["vision-sinks"] = vision_sinks_rows(out / "vision_sinks.json")
     for name, body in blocks.items():
         print(f"\n<!-- bench:{name} -->\n{body}\n<!-- bench:{name}:end -->")
     if args.readme:

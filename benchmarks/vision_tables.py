@@ -121,8 +121,7 @@ def main(argv=None) -> int:
     rows["verdicts"] = {name: {k: control.verdict(k, rows[name]["metrics"][k], higher_is_better=k not in
                                                   ("chair_i", "chair_s"))
                                for k in METRICS}
-                        for name in ("vhr_per_input", "vhr_per_input_no_filter", "vhr_fixed", "vhr_fixed_no_filter",
-                                     "var_paper", "var_first_token")}
+                        for name in ("vhr_per_input", "vhr_per_input_no_filter", "vhr_fixed", "vhr_fixed_no_filter")}
     report = {"scenes": args.scenes, "scene_seed": scene_seed, "draws": args.draws, "seed": args.seed,
               "layers": layers, "per_layer": g.n_heads // 2, "rows": rows, "seconds": round(time.time() - start, 1),
               "load_1m": [load_before, os.getloadavg()[0]], "torch": torch.__version__}
