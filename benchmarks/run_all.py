@@ -13,6 +13,8 @@ and the vision organism's tables (``--only vision``: just these, ~10 min on one 
   python -m headscope.zoo.train_vision --out headscope/zoo/vision --remeasure  -> its organism.json
   vision_tables.py                                         -> benchmarks/vision_tables.json
   vision_pursuit.py                                        -> benchmarks/vision_pursuit.json
+and the needle ablation against 20 random draws (``--only needle``):
+  needle_control.py                                        -> benchmarks/needle_control.json
 then prints the markdown rows (and with --readme writes them between the README's
 ``<!-- bench:NAME -->`` / ``<!-- bench:NAME:end -->`` markers). The GPU table needs a GPU
 (benchmarks/kernel_gpu.py) and is not rerun here.
@@ -214,6 +216,20 @@ def vision_sinks_rows(path: Path) -> str:
     return "\n".join(lines)
 
 
+def needle_control_rows(path: Path) -> str:
+    """The retrieval organism's top-k ablation against random other heads."""
+    r = json.loads(path.read_text())
+    c = r["random"]
+    low, high = c["interval"]["accuracy"]
+    values = [d["accuracy"] for d in c["values"]]
+    return (f"- ablating the top {len(r['top'].split(', '))} ({r['top']}) leaves {r['ablated']:.3f} of {r['base']:.3f}; "
+            f"as many random other heads ({c['draws']} draws, seed {c['seed']}) {c['mean']['accuracy']:.3f}, 95% "
+            f"bootstrap interval [{low:.3f}, {high:.3f}], single draws {min(values):.2f}-{max(values):.2f}: the top "
+            f"heads' ablation is {r['verdict'].replace('beats random', 'outside the interval (beats random)')} "
+            f"(`python benchmarks/needle_control.py`; the control alone: `headscope eval --task needle --random 3 "
+            f"--exclude ranking.csv --top 3 --seed 0`);")
+
+
 def vision_organism_rows() -> str:
     """The vision organism's held-out figures, from its organism.json (re-measured by
     ``python -m headscope.zoo.train_vision --remeasure``)."""
@@ -250,8 +266,9 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="write the tables into README.md")
     ap.add_argument("--only-print", action="store_true", help="print the rows from the existing JSON files")
     ap.add_argument("--out-dir", default=str(HERE), help="where the JSON files go [benchmarks/]")
-    ap.add_argument("--only", choices=("speed", "vision"), default=None,
-                    help="one group: the speed benchmarks, or the vision organism's tables (~10 min, one thread)")
+    ap.add_argument("--only", choices=("speed", "vision", "needle"), default=None,
+                    help="one group: the speed benchmarks, the vision organism's tables (~10 min, one thread), or "
+                    "the needle ablation against random heads")
     args = ap.parse_args()
     reps, out = str(args.repeats), Path(args.out_dir)
     start = time.perf_counter()
@@ -259,6 +276,8 @@ def main() -> None:
         run("headscope.zoo.train_vision", "--out", "headscope/zoo/vision", "--remeasure")
         run("vision_tables.py", "--json", str(out / "vision_tables.json"))
         run("vision_pursuit.py", "--out", str(out / "vision_pursuit.json"))
+    if not args.only_print and args.only in (None, "needle"):
+        run("needle_control.py", "--json", str(out / "needle_control.json"))
     if not args.only_print and args.only in (None, "speed"):
         print(f"load average at start: {os.getloadavg()[0]:.2f} (run this on a quiet machine)", flush=True)
         run("kernel_cpu.py", "--sizes", "8192", "16384", "32768", "--stats", "--repeats", reps,
@@ -280,6 +299,8 @@ def main() -> None:
                        "vision-pursuit": vision_pursuit_rows(out / "vision_pursuit.json")})
         if (out / "vision_sinks.json").exists():  # python benchmarks/vision_sinks.py --model vision [wider ...]
             blocks["vision-sinks"] = vision_sinks_rows(out / "vision_sinks.json")
+    if args.only in (None, "needle"):
+        blocks["needle-control"] = needle_control_rows(out / "needle_control.json")
     for name, body in blocks.items():
         print(f"\n<!-- bench:{name} -->\n{body}\n<!-- bench:{name}:end -->")
     if args.readme:

@@ -14,8 +14,10 @@ heads) does, in every layer from ``first_layer`` [2] on:
    tau = 20 * sqrt(d / 4096), the same share of the ceiling sqrt(d) (20 / 64 = 0.3125): 2.5 at
    d = 64, 7.1 at d = 512, 20 at d = 4096 (:func:`default_tau`).
 3. Where it acts (``rule`` ["paper"]): only in the layers and batch rows whose prompt has a visual
-   sink at that layer. Without one VAR is an exact no-op there (the stock attention runs, logits
-   equal bit for bit), and a run that finds no visual sink at all says so once (a warning).
+   sink at that layer. A layer where no prompt of the batch has one runs the stock attention (an
+   exact no-op: logits equal bit for bit where no layer has one); a prompt without one, batched with
+   one that has, keeps its weights (equal up to float rounding). A run that finds no visual sink at
+   all says so once (a warning).
 4. Image-centric (head, query) rows: queries after the image at prefill and the new token at each
    decode step, whose attention share on visual sinks within the image is <= rho [0.5] and whose
    total image attention is >= ``min_image_mass`` [0.2].
