@@ -213,6 +213,10 @@ def vision_sinks_rows(path: Path) -> str:
     lines.append("")
     lines.append(f"{report['scenes']} held-out scenes, caption prompt; phi over every hidden dim (VAR itself "
                  "uses only the massive dims).")
+    for name, m in report["models"].items():
+        if "training_command" in m:
+            lines.append(f"The wider organism: `{m['training_command']}` ({m['wall_time_s']:.0f} s wall on one nice'd "
+                         f"thread of the shared machine, final loss {m['final_loss']:.3f}).")
     return "\n".join(lines)
 
 

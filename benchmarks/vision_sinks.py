@@ -82,9 +82,11 @@ def main(argv=None) -> int:
     for name in args.model:
         hm = HeadModel.load(name)
         entry = sink_report(hm, scenes)
-        meta = Path(name) / "step.txt"
+        meta = Path(name) / "organism.json"  # a trained folder (not the shipped name): its training record
         if meta.exists():
-            entry["training_steps"] = int(meta.read_text())
+            training = json.loads(meta.read_text())["training"]
+            entry["training_steps"], entry["training_command"] = training["steps"], training["command"]
+            entry["final_loss"], entry["wall_time_s"] = training["final_loss"], training["wall_time_s"]
         report["models"][name] = entry
         print(name, json.dumps(entry, indent=1), flush=True)
     tmp = Path(args.json + ".tmp")
