@@ -3,7 +3,6 @@ the heads of its own VHD (the analyzer, checked against a hand computation in te
 scaled by alpha at prefill and every decode step; re-selection per step equals the cacheless loop
 of vhr_generate."""
 
-import numpy as np
 import pytest
 import torch
 
