@@ -6,6 +6,8 @@
 
 Runs, one after another (run it on a quiet machine: nothing else running):
   kernel_cpu.py    --sizes 8192 16384 32768 --stats        -> benchmarks/kernel_cpu.json
+  kernel_cpu.py    --sizes 8192 16384 --stats --tiles cpp compile --threads 1
+                                                           -> benchmarks/kernel_cpu_tile.json
   long_context.py  --lengths 1024,4096,8192,16384,32768    -> benchmarks/long_context.json
                    (+ the needle comparison at 8192 tokens)
   var_generate.py  --new 16 --threads 1 --organism vision --repeats 10  -> benchmarks/var_generate.json
@@ -30,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from kernel_cpu import tile_line  # the tile benchmark's own README sentence (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -70,6 +74,11 @@ def kernel_rows(path: Path) -> str:
     lines.append(f"Ratios to SDPA, best (median) of {rows[0]['repeats']} alternated runs, {rows[0]['threads']} threads; "
                  f"1-minute load average {loads(rows)}.")
     return "\n".join(lines)
+
+
+def tile_rows(path: Path) -> str:
+    """The CPU tile step: torch.compile of the eager step against the hand-written C++ tile."""
+    return tile_line(json.loads(path.read_text()))
 
 
 def long_context_rows(path: Path) -> str:
@@ -286,6 +295,8 @@ def main() -> None:
         print(f"load average at start: {os.getloadavg()[0]:.2f} (run this on a quiet machine)", flush=True)
         run("kernel_cpu.py", "--sizes", "8192", "16384", "32768", "--stats", "--repeats", reps,
             "--json", str(out / "kernel_cpu.json"))
+        run("kernel_cpu.py", "--sizes", "8192", "16384", "--stats", "--tiles", "cpp", "compile", "--threads", "1",
+            "--repeats", str(max(args.repeats, 5)), "--json", str(out / "kernel_cpu_tile.json"))
         run("long_context.py", "--lengths", "1024,4096,8192,16384,32768", "--needle-length", "8192",
             "--repeats", reps, "--json", str(out / "long_context.json"))
         # a generate call takes 0.05-0.5 s here, so more runs cost little and steady the figure
@@ -296,6 +307,7 @@ def main() -> None:
     blocks = {}
     if args.only in (None, "speed"):
         blocks.update({"kernel-cpu": kernel_rows(out / "kernel_cpu.json"),
+                       "cpu-tile": tile_rows(out / "kernel_cpu_tile.json"),
                        "long-context": long_context_rows(out / "long_context.json"),
                        "var": var_rows(out / "var_generate.json")})
     if args.only in (None, "vision"):

@@ -27,10 +27,11 @@ import torch
 
 from headscope import zoo
 from headscope.analyzers.circuits import overlap
-from headscope.interventions.soft_injection import (compare_methods, fit_soft_selection, function_vector_heads,
+from headscope.methods.soft_injection import (compare_methods, fit_soft_selection, function_vector_heads,
                                                     prompt_cost, task_embedding)
+from headscope.io import write_whole
 from headscope.model import HeadModel
-from headscope.scores import HeadScores, write_whole
+from headscope.scores import HeadScores
 from headscope.tasks.icl import IclTask
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from headscope import HeadModel, vision, zoo
 from headscope.interventions import Edit, intervene
-from headscope.interventions.var import massive_dims
+from headscope.interventions.kinds.var import massive_dims
 from headscope.zoo.random_vlm import WORDS, random_llava
 
 
@@ -57,7 +57,7 @@ def case(hm, batch, new: int, repeats: int, options: dict) -> dict:
             hm.model.generate(**batch, **kwargs)
 
     times = timed({"sdpa": plain, "var": var}, repeats)
-    from headscope.interventions.var import apply
+    from headscope.interventions.kinds.var import apply
 
     with torch.no_grad(), apply(hm, edit) as run:
         hm.model.generate(**batch, **kwargs)

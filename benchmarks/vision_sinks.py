@@ -21,7 +21,7 @@ import torch
 
 from headscope import HeadModel, vision
 from headscope.analyzers.sinks import sink_scores
-from headscope.interventions.var import default_tau, massive_dims
+from headscope.interventions.kinds.var import default_tau, massive_dims
 from headscope.tasks import shapes
 
 

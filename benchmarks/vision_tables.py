@@ -24,13 +24,13 @@ import torch
 
 from headscope import HeadModel, vision, zoo
 from headscope.analyzers.vision import default_layers, select_heads, vision_aware_heads
-from headscope.commands.edit_flags import calibration_inputs, per_layer_count_heads
 from headscope.controls import random_control
 from headscope.heads import format_heads, same_layer_random_heads
 from headscope.interventions import Edit, intervene
-from headscope.interventions.var import apply as var_apply
-from headscope.interventions.var import default_tau, var_edit
-from headscope.interventions.vhr import apply as vhr_apply
+from headscope.interventions.kinds.var import apply as var_apply
+from headscope.interventions.kinds.var import calibration_inputs, default_tau, var_edit
+from headscope.interventions.kinds.vhr import apply as vhr_apply
+from headscope.interventions.kinds.vhr import per_layer_count_heads
 from headscope.tasks import shapes
 
 METRICS = ("chair_i", "chair_s", "caption_recall", "pope_acc", "pope_f1", "pope_adversarial_f1")

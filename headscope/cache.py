@@ -30,7 +30,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from headscope import hooks
+from headscope.hf.adapters import qkv_projections
+from headscope.hf.attention import kernel_arguments
 from headscope.errors import HeadscopeError
 
 MAX_PATTERN_TOKENS = 2048
@@ -51,7 +52,7 @@ def hook_names(n_layers: int) -> list[str]:
 def attention_pattern(query, key, *, scaling, causal=False, attn_mask=None, sliding_window=None,
                       softcap=None) -> torch.Tensor:
     """softmax(q k^T * scaling + mask) as float32 [B, H, q, k], for short contexts (it builds the
-    pattern). Arguments as :func:`headscope.hooks.kernel_arguments` returns them; query rows sit at the
+    pattern). Arguments as :func:`headscope.hf.attention.kernel_arguments` returns them; query rows sit at the
     last n_q key positions. GQA by index (query heads h share kv head h // (H / Hkv)). Rows with no
     allowed key are 0."""
     B, H, n_q, d = query.shape
@@ -110,7 +111,7 @@ def run_with_cache(hm, input_ids: torch.Tensor, *, names_filter: Callable[[str],
         cache[f"blocks.{layer}.{hook}"] = value.detach()
 
     def tap(layer, query, key, value, mask, scaling, module, kwargs):
-        projections = hooks.qkv_projections(module) is not None
+        projections = qkv_projections(module) is not None
         if want(layer, "attn.hook_rot_q"):
             put(layer, "attn.hook_rot_q", query.transpose(1, 2))
         if want(layer, "attn.hook_rot_k"):
@@ -120,7 +121,7 @@ def run_with_cache(hm, input_ids: torch.Tensor, *, names_filter: Callable[[str],
                 if want(layer, f"attn.{name}"):
                     put(layer, f"attn.{name}", tensor.transpose(1, 2))
         if want(layer, "attn.hook_pattern"):
-            args = hooks.kernel_arguments(module, query, mask, scaling, kwargs)
+            args = kernel_arguments(module, query, mask, scaling, kwargs)
             put(layer, "attn.hook_pattern", attention_pattern(query, key, **args).to(query.dtype))
 
     def projection_hook(layer: int, name: str, n_heads: int):
@@ -140,17 +141,15 @@ def run_with_cache(hm, input_ids: torch.Tensor, *, names_filter: Callable[[str],
         return hook
 
     z_layers = [layer for layer in range(g.n_layers) if want(layer, "attn.hook_z")]
-    with contextlib.ExitStack() as stack:
-        handles = []
-        stack.callback(lambda: [h.remove() for h in handles])
+    with contextlib.ExitStack() as stack:  # every hook through HeadModel's hook table
         for layer, modules in enumerate(hm._layers):
-            projections = hooks.qkv_projections(modules.attention)
+            projections = qkv_projections(modules.attention)
             if projections is not None:
                 for name, proj, heads in zip(("hook_q", "hook_k", "hook_v"), projections,
                                              (g.n_heads, g.n_kv_heads, g.n_kv_heads)):
-                    handles.append(proj.register_forward_hook(projection_hook(layer, name, heads)))
+                    stack.enter_context(hm.hook_module(proj, projection_hook(layer, name, heads)))
             if modules.block is not None:
-                handles.append(modules.block.register_forward_hook(resid_post(layer)))
+                stack.enter_context(hm.hook_module(modules.block, resid_post(layer)))
         stack.enter_context(hm.watch_residual(resid_pre))
         stack.enter_context(hm.tap_attention(tap))
         capture = stack.enter_context(hm.capture_z(z_layers)) if z_layers else None

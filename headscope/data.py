@@ -7,7 +7,11 @@ never shadows the Hugging Face ``datasets`` package when Python runs from the re
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+
+from headscope.errors import HeadscopeError
+from headscope.validate import read_text
 
 
 def dataset_path(name: str) -> Path:
@@ -25,12 +29,6 @@ def read_jsonl(path, what: str, hint: str):
 
     ``what`` names the file in errors ("needles file"); ``hint`` says what a line should look like.
     """
-    import json
-
-    from headscope.errors import HeadscopeError
-
-    from headscope.validate import read_text
-
     path = Path(path)
     for lineno, line in enumerate(read_text(path, what).splitlines(), 1):
         if not line.strip():

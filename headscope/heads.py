@@ -17,6 +17,8 @@ import random
 import re
 from typing import Iterable, Sequence
 
+import torch
+
 from headscope.errors import HeadscopeError
 
 Head = tuple[int, int]
@@ -88,50 +90,6 @@ def format_heads(heads: Iterable[Sequence[int]]) -> str:
     return ", ".join(names) if names else "none"
 
 
-def select_heads(*, names: str | None = None, ranking: str | None = None, top: int | None = None,
-                 option: str = "--ablate", grid: tuple[int, int] | None = None) -> tuple[list[Head], str]:
-    """The heads a command line names: ``--heads NAMES`` or a ranking CSV's ``--top K`` (read on
-    ``grid`` = the model's (layers, heads) when given).
-
-    Returns the heads and how they were chosen, for the printed line (``the top 3 heads of r.csv``).
-    """
-    check_selection(names=names, ranking=ranking, top=top, option=option)
-    if names:
-        return parse_heads(names), "heads"
-    from headscope.scores import HeadScores
-
-    return HeadScores.from_csv(ranking, grid=grid).top(top), f"the top {top} heads of {ranking}"
-
-
-def check_selection(*, names: str | None, ranking: str | None, top: int | None, option: str) -> None:
-    """Exactly one of ``--heads NAMES`` and ``OPTION CSV --top K``, checked before anything loads:
-    names parsed, the ranking CSV validated and holding at least K scored heads."""
-    if names and ranking:
-        raise HeadscopeError(f"give {option} CSV --top K or --heads NAMES, not both")
-    if names:
-        if top is not None:
-            raise HeadscopeError("--top K picks from a ranking CSV; --heads already names the heads")
-        parse_heads(names)
-        return
-    if not ranking:
-        raise HeadscopeError(f"{option} needs a ranking CSV and --top K, or --heads NAMES ({EXAMPLES})")
-    if top is None:
-        raise HeadscopeError(f"{option} CSV needs --top K (how many of its top heads), or name the heads with --heads")
-    check_ranking(ranking, top)
-
-
-def check_ranking(path: str, top: int | None) -> None:
-    """A ranking CSV given on the command line, read and validated before any model is loaded."""
-    import math
-
-    from headscope.scores import read_ranking
-
-    rows, _ = read_ranking(path)
-    scored = sum(not math.isnan(score) for _, _, score in rows)
-    if top is not None and top > scored:
-        raise HeadscopeError(f"--top {top}: {path} scores only {scored} heads; use --top <= {scored}")
-
-
 def same_layer_random_heads(heads: Sequence[Head], n_heads: int, rng: random.Random,
                             exclude_given: bool = True) -> list[Head]:
     """Random heads with the same count per layer as ``heads``: the random-head control of head
@@ -146,3 +104,11 @@ def same_layer_random_heads(heads: Sequence[Head], n_heads: int, rng: random.Ran
             pool = list(range(n_heads))
         chosen += [(layer, x) for x in sorted(rng.sample(pool, count))]
     return chosen
+
+
+def head_masks(heads: Iterable[Head], n_layers: int, n_heads: int) -> torch.Tensor:
+    """Boolean [layers, heads] mask, True on the given heads (the one head-mask builder)."""
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer, head in heads:
+        mask[layer, head] = True
+    return mask

@@ -26,22 +26,28 @@ mark rows >= it as decode rows) with the same formula as headscope's hooks
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
 
-from headscope import hooks, remote
+from headscope import remote
 from headscope.errors import HeadscopeError
-from headscope.interventions.edits import Z_KINDS, Edit, _patch_values, _Positions, apply_z_edit, edit_weights
+from headscope.heads import head_masks
+from headscope.hf.adapters import find_layers
+from headscope.interventions import registry
+from headscope.interventions.edits import Edit, _patch_values, _Positions, apply_z_edit, edit_weights
+from headscope.model import HeadModel
 
 
 def _z_edits(edits: Edit | Sequence[Edit]) -> list[Edit]:
     edits = [edits] if isinstance(edits, Edit) else list(edits)
-    bad = [e.kind for e in edits if e.kind not in Z_KINDS]
+    remote_kinds = registry.remote_kinds()  # the kinds headscope.remote runs (EditKind.remote)
+    bad = [e.kind for e in edits if e.kind not in remote_kinds]
     if bad:
         raise HeadscopeError(
             f"edit kind(s) {bad} change the attention itself and need headscope's attention hook; "
-            f"nnsight traces and TransformerLens hooks run only {list(Z_KINDS)}. Use headscope.interventions.intervene"
+            f"nnsight traces and TransformerLens hooks run only {list(remote_kinds)}. Use headscope.interventions.intervene"
         )
     return edits
 
@@ -53,7 +59,7 @@ def _rows(n: int, batch: int, edit: Edit, prompt_length: int | None, attention_m
 # ------------------------------------------------------------------------------------- nnsight
 def nnsight_model(model, tokenizer=None):
     """An nnsight ``TransformersModel`` around an already-loaded HF model (or a HeadModel's)."""
-    from nnsight.modeling.transformers import TransformersModel
+    from nnsight.modeling.transformers import TransformersModel  # optional (headscope[interop])
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     model = getattr(model, "model", model) if hasattr(model, "geometry") else model
@@ -64,7 +70,7 @@ def nnsight_model(model, tokenizer=None):
 
 def _out_proj_paths(model: torch.nn.Module) -> list[str]:
     """Dotted module names of each layer's output projection (headscope's adapter table)."""
-    _, layers = hooks.find_layers(model)
+    _, layers = find_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(layer.out_proj)] for layer in layers]
 
@@ -76,8 +82,6 @@ def _hf(lm) -> torch.nn.Module:
 
 
 def _geometry(model):
-    from headscope.model import HeadModel
-
     return HeadModel(model).geometry
 
 
@@ -156,11 +160,11 @@ def ships_plan(lm, heads: Sequence[tuple[int, int]], eps: float = 1e-4, ablation
     g = _geometry(model)
     if ablation not in ("query", "output"):
         raise HeadscopeError(f"unknown Ships ablation {ablation!r}; choose 'query' or 'output'")
-    _, layers = hooks.find_layers(model)
+    _, layers = find_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
-    scale = torch.ones(len(heads) + 1, g.n_layers, g.n_heads)
-    for r, (layer, head) in enumerate(heads, start=1):
-        scale[r, layer, head] = eps
+    scale = torch.ones(len(heads) + 1, g.n_layers, g.n_heads)  # row 0: no head ablated; row r: head r - 1
+    if heads:
+        scale[1:][torch.stack([head_masks([h], g.n_layers, g.n_heads) for h in heads])] = eps
     steps = []
     for layer in sorted({l for l, _ in heads}):
         target = layers[layer].out_proj
@@ -176,7 +180,7 @@ def ships_plan(lm, heads: Sequence[tuple[int, int]], eps: float = 1e-4, ablation
 
 def _ship_by_value() -> None:
     """Ship headscope.remote's source with nnsight requests (an NDIF server has no headscope)."""
-    import nnsight
+    import nnsight  # optional (headscope[interop])
 
     nnsight.register(remote)
 
@@ -188,8 +192,7 @@ def bridge_from_hf(model, tokenizer=None):
     The bridge replaces the model's submodules in place (and may switch it to eager attention):
     pass a copy (``copy.deepcopy(model)``) to keep using the original with headscope.
     """
-    import copy
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
+    from transformer_lens.model_bridge.sources import build_bridge_from_module  # optional (headscope[interop])
 
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     return build_bridge_from_module(model, archs[0], hf_config=copy.deepcopy(model.config), tokenizer=tokenizer)

@@ -85,7 +85,7 @@ class Figure(go.Figure):
         return bundle
 
     def _ipython_display_(self):  # plotly displays through this hook, not _repr_mimebundle_
-        from IPython.display import display
+        from IPython.display import display  # optional: only inside a notebook, where IPython is there
 
         display(self._repr_mimebundle_(), raw=True)
 

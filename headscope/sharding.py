@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from headscope.analyzers import registry
 from headscope.errors import HeadscopeError
+from headscope.io import write_whole
+from headscope.scores import HeadScores
 
 PART_FORMAT = "headscope-part/1"
 
@@ -64,36 +66,39 @@ def batches(items: Sequence, size: int, keep: set | None = None) -> list[list]:
 
 
 # ------------------------------------------------------------------------------------- parts
-def as_part(scores, shard: Shard | None, heads=(), **extra):
-    """Mark a sweep's result as shard ``shard``'s part (unchanged without a shard): the heads it
-    owns plus any tensors the merge needs (``extra``)."""
-    if shard is not None:
-        scores.shard = shard
-        scores.part = {"heads": sorted(heads), **extra}
-    return scores
+@dataclass
+class Part:
+    """Shard ``shard``'s part of a sweep: its scores (NaN off the shard), the heads it owns, and the
+    tensors its analyzer's ``join`` needs to replay the unsharded run (``extra``)."""
+
+    method: str
+    model: str
+    params: dict
+    shard: Shard
+    scores: torch.Tensor
+    heads: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
 
-def write_part(scores, path: str | os.PathLike) -> Path:
-    """Write a sharded sweep's result (HeadScores with ``shard`` and ``part`` attributes) as one part."""
-    shard = getattr(scores, "shard", None)
+def as_part(scores: HeadScores, shard: Shard | None, heads=(), **extra):
+    """A sweep's result as shard ``shard``'s :class:`Part` (the HeadScores unchanged without a
+    shard): the heads it owns plus any tensors the merge needs (``extra``)."""
     if shard is None:
-        raise HeadscopeError(f"{scores.method} scores carry no shard; run the sweep with shard=Shard(I, N)")
-    data = {"format": PART_FORMAT, "method": scores.method, "model": scores.model, "params": scores.params,
-            "shard": (shard.index, shard.count), "scores": scores.scores, **scores.part}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return scores
+    return Part(scores.method, scores.model, scores.params, shard, scores.scores, sorted(heads), extra)
 
 
-def _read_part(path) -> dict:
+def write_part(part: Part, path: str | os.PathLike) -> Path:
+    """Write a sharded sweep's :class:`Part`, whole (temp file + rename)."""
+    if not isinstance(part, Part):
+        raise HeadscopeError(f"{getattr(part, 'method', type(part).__name__)} is not a shard's part; run the sweep "
+                             "with shard=Shard(I, N)")
+    data = {"format": PART_FORMAT, "method": part.method, "model": part.model, "params": part.params,
+            "shard": (part.shard.index, part.shard.count), "scores": part.scores, "heads": part.heads, **part.extra}
+    return write_whole(path, lambda tmp: torch.save(data, tmp))
+
+
+def _read_part(path) -> Part:
     try:
         data = torch.load(path, weights_only=True)
     except FileNotFoundError:
@@ -102,59 +107,38 @@ def _read_part(path) -> dict:
         raise HeadscopeError(f"{path} is not a headscope part ({type(exc).__name__}); write parts with --shard I/N") from None
     if not isinstance(data, dict) or data.get("format") != PART_FORMAT:
         raise HeadscopeError(f"{path} is not a headscope part (format {PART_FORMAT})")
-    return data
+    known = ("format", "method", "model", "params", "shard", "scores", "heads")
+    return Part(data["method"], data["model"], data["params"], Shard(*data["shard"]), data["scores"],
+                [tuple(h) for h in data["heads"]], {k: v for k, v in data.items() if k not in known})
 
 
-def merge(paths: Sequence[str | os.PathLike]):
-    """Join the parts of one sharded sweep into the HeadScores one unsharded run gives."""
-    from headscope.scores import HeadScores
-
+def merge(paths: Sequence[str | os.PathLike]) -> HeadScores:
+    """Join the parts of one sharded sweep into the HeadScores one unsharded run gives: the
+    analyzer's registered ``join``, else each head's value from the part that owns it."""
     if not paths:
         raise HeadscopeError("merge needs the part files of one sharded run")
     parts = [_read_part(p) for p in paths]
     first = parts[0]
-    for p, data in zip(paths, parts):
+    for p, part in zip(paths, parts):
         for key in ("method", "model", "params"):
-            if data[key] != first[key]:
-                raise HeadscopeError(f"{p} comes from another run: its {key} {data[key]!r} differs from "
-                                     f"{paths[0]}'s {first[key]!r}")
-    count = first["shard"][1]
-    indices = sorted(data["shard"][0] for data in parts)
-    if any(data["shard"][1] != count for data in parts) or indices != list(range(count)):
+            if getattr(part, key) != getattr(first, key):
+                raise HeadscopeError(f"{p} comes from another run: its {key} {getattr(part, key)!r} differs from "
+                                     f"{paths[0]}'s {getattr(first, key)!r}")
+    count = first.shard.count
+    indices = sorted(part.shard.index for part in parts)
+    if any(part.shard.count != count for part in parts) or indices != list(range(count)):
         raise HeadscopeError(f"merge needs each of the {count} shards exactly once; got shards "
-                             f"{sorted(tuple(d['shard']) for d in parts)}")
-    parts.sort(key=lambda data: data["shard"][0])
-    joiner = _JOINERS.get(first["method"], _join_heads)
-    return joiner(parts, HeadScores)
+                             f"{sorted((p.shard.index, p.shard.count) for p in parts)}")
+    parts.sort(key=lambda part: part.shard.index)
+    analyzer = registry.get(first.method)
+    return (analyzer.join if analyzer is not None and analyzer.join else join_heads)(parts)
 
 
-def _join_heads(parts, HeadScores):
+def join_heads(parts: Sequence[Part]) -> HeadScores:
     """Per-head sweeps: each head's value comes from the part that owns it."""
-    scores = torch.full_like(parts[0]["scores"], float("nan"))
-    for data in parts:
-        for layer, head in data["heads"]:
-            scores[layer, head] = data["scores"][layer, head]
+    scores = torch.full_like(parts[0].scores, float("nan"))
+    for part in parts:
+        for layer, head in part.heads:
+            scores[layer, head] = part.scores[layer, head]
     first = parts[0]
-    return HeadScores(scores, first["method"], first["model"], first["params"])
-
-
-def _join_ships(parts, HeadScores):
-    from headscope.analyzers.safety import ships_result
-
-    per_query = torch.full_like(parts[0]["per_query"], float("nan"))
-    for data in parts:
-        for layer, head in data["heads"]:
-            per_query[:, layer, head] = data["per_query"][:, layer, head]
-    first = parts[0]
-    return ships_result(per_query, first["model"], first["params"])
-
-
-def _join_trials(parts, HeadScores):
-    from headscope.analyzers.retrieval import retrieval_result
-
-    runs = sorted((batch, k, trial, value) for data in parts for k, (batch, trial, value) in enumerate(data["runs"]))
-    first = parts[0]
-    return retrieval_result([(trial, value) for _, _, trial, value in runs], first["model"], first["params"])
-
-
-_JOINERS = {"ships": _join_ships, "retrieval": _join_trials}
+    return HeadScores(scores, first.method, first.model, first.params)

@@ -8,7 +8,6 @@ checks before any model is loaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import numbers
@@ -16,6 +15,8 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+
+import torch
 
 from headscope.errors import HeadscopeError
 
@@ -77,34 +78,6 @@ def check_output(path, what: str) -> Path:
         raise HeadscopeError(f"cannot write {what} {path}: {folder} is not writable ({exc.strerror}); "
                              "choose another path") from None
     return path
-
-
-def write_whole(path, content) -> Path:
-    """Write ``content`` to ``path`` whole (temp file + rename), mode from the umask; no temp file
-    is left behind if the write fails. ``content``: the text, or a function that writes the file
-    at the path it is given (binary formats, e.g. safetensors' ``save_file``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            if not callable(content):
-                handle.write(content)
-        if callable(content):
-            content(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------ numbers
@@ -172,8 +145,6 @@ DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 def check_dtype(dtype):
     """The torch dtype (or "auto") for a --dtype string; only floating dtypes run a model."""
-    import torch
-
     if dtype == "auto" or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -183,8 +154,6 @@ def check_dtype(dtype):
 
 def check_device(device):
     """A device torch can use here: CUDA / MPS / XPU only where available, an index that exists."""
-    import torch
-
     if device is None:
         return None
     try:

@@ -7,7 +7,7 @@ never from a fixed position. Named key groups per prompt:
 - ``image``: positions holding image tokens;
 - ``text_after_image``: real (non-padding) tokens after the last image token;
 - ``text_before_image``: real tokens before the first image token;
-- ``sinks``: from VAR's visual-sink test (``headscope.interventions.var``), not here.
+- ``sinks``: from VAR's visual-sink test (``headscope.interventions.kinds.var``), not here.
 
 Images are read with PIL only (slow image processors; no torchvision needed)::
 
@@ -21,19 +21,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
+from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
+from headscope.hf import inputs
+from headscope.hf.inputs import image_token_id
+from headscope.validate import read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-def image_token_id(config) -> int | None:
-    """The id of the image placeholder token in input_ids (``image_token_id`` / ``image_token_index``)."""
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def is_vision_model(hm) -> bool:
@@ -54,8 +50,6 @@ def require_vision(hm, what: str) -> int:
 # ----------------------------------------------------------------------------------- files
 def load_image(path: str | Path):
     """An RGB PIL image, or a clear error naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"image {path} does not exist; pass a PNG or JPEG file")
@@ -79,15 +73,11 @@ def image_files(folder: str | Path) -> list[Path]:
 def read_pairs(prompts_file: str | Path, images_dir: str | Path) -> list[tuple[Path, str]]:
     """(image path, prompt) pairs: a JSONL file with ``prompt`` and ``image`` columns (image relative
     to the folder), or plain text with one prompt per line, paired with every image of the folder."""
-    from headscope.validate import read_text
-
     path = Path(prompts_file)
     lines = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
     if not lines:
         raise HeadscopeError(f"prompts file {path} is empty; give one prompt per line")
     if path.suffix == ".jsonl":
-        from headscope.data import read_jsonl
-
         pairs = []
         hint = 'each line should be {"image": "file.png", "prompt": "... <image> ..."}'
         for lineno, row in read_jsonl(path, "prompts file", hint):
@@ -184,19 +174,10 @@ def without_image(hm, batch: dict) -> dict:
 
 def with_positions(hm, batch: dict) -> dict:
     """Left-padded inputs with position ids counted from each row's first real token (what generate()
-    does), so a padded row computes what it computes alone. Families with their own multi-axis
-    positions (Qwen2-VL's M-RoPE) compute them from the mask themselves and are left as they are."""
-    mask = batch.get("attention_mask")
-    if mask is None or "position_ids" in batch or bool(mask.all()) or "qwen" in hm.model.config.model_type:
-        return batch
-    return dict(batch, position_ids=(mask.long().cumsum(-1) - 1).clamp_min(0))
+    does), so a padded row computes what it computes alone (:func:`headscope.hf.inputs.with_positions`)."""
+    return inputs.with_positions(hm.model.config, batch)
 
 
 def pad_id(hm) -> int:
-    tok = hm.tokenizer
-    if tok is not None:
-        for value in (tok.pad_token_id, tok.eos_token_id):
-            if value is not None:
-                return int(value)
-    return 0
-
+    """The model's pad id (:func:`headscope.hf.inputs.pad_id`)."""
+    return inputs.pad_id(hm.tokenizer)

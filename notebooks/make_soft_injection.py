@@ -15,7 +15,7 @@ cells = [
     ("code", "import torch\n"
              "from headscope import HeadModel, zoo\n"
              "from headscope.tasks.icl import IclTask, PromptFormat\n"
-             "from headscope.interventions.soft_injection import task_embedding, fit_soft_selection, accuracy\n\n"
+             "from headscope.methods.soft_injection import task_embedding, fit_soft_selection, accuracy\n\n"
              "hm = HeadModel.load(\"icl\")\n"
              "task = IclTask.load(zoo.organism_path(\"icl\") / \"colour.jsonl\", seed=0)\n"
              "demos, query = task.examples(\"test\", 2)[0]\n"

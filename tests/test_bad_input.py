@@ -332,7 +332,7 @@ def _files(tmp: Path) -> dict[str, str]:
     put("icl_small.jsonl", (zoo.organism_path("icl") / "next.jsonl").read_text())
     from safetensors.torch import save_file
 
-    from headscope.interventions.soft_injection import TaskEmbedding
+    from headscope.methods.soft_injection import TaskEmbedding
 
     TaskEmbedding(torch.ones(1, 1, 2), {"model": "other"}, torch.ones(1, 1)).save(tmp / "emb_small.safetensors")
     f["emb_small"] = str(tmp / "emb_small.safetensors")
@@ -354,20 +354,20 @@ def _no_weights(active: bool):
     if not active:
         yield
         return
-    import headscope.model as model
+    import headscope.hf.loading as model
 
-    original = model._auto_class
+    original = model.auto_class
 
     class Refuse:
         @staticmethod
         def from_pretrained(*args, **kwargs):
             raise AssertionError("model weights were loaded before the input was checked")
 
-    model._auto_class = lambda config: Refuse
+    model.auto_class = lambda config: Refuse
     try:
         yield
     finally:
-        model._auto_class = original
+        model.auto_class = original
 
 
 def run_case(argv: list[str], early: bool) -> tuple[int | str, str, str]:

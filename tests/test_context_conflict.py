@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from headscope.cli import main
 from headscope.interventions import Edit, intervene
-from headscope.interventions.decore import decore_generate
+from headscope.methods.decore import decore_generate
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
 from headscope.tasks.context_conflict import ContextConflictTask, is_faithful, make_world
@@ -73,7 +73,7 @@ def test_eval_cli_greedy_matches_hand_count(capsys):
     assert main(["eval", "--task", "context-conflict", "--prompts", "12", "--quiet"]) == 0
     line = _last_line(capsys)
     hm = HeadModel.load("context_conflict")
-    from headscope.commands.context_conflict import task_for
+    from headscope.cli.tasks.context_conflict import task_for
 
     items = task_for(hm).eval_trials(12)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_eval_cli_decore_matches_hand_contrast(capsys, tmp_path):
     heads = scores.top(3)
     assert main(["eval", "--task", "context-conflict", "--prompts", "8", "--quiet", "--decore", str(csv), "--top", "3"]) == 0
     line = _last_line(capsys)
-    from headscope.commands.context_conflict import task_for
+    from headscope.cli.tasks.context_conflict import task_for
 
     hits = 0
     with torch.no_grad():
@@ -160,8 +160,8 @@ def test_decore_with_retrieval_heads_beats_greedy_and_random_heads_do_not():
     import argparse
 
     from headscope.analyzers.retrieval import retrieval_heads
-    from headscope.commands.context_conflict import SCORE_SEED, first_tokens, task_for
-    from headscope.interventions.decore import random_heads
+    from headscope.cli.tasks.context_conflict import SCORE_SEED, first_tokens, task_for
+    from headscope.methods.decore import random_heads
 
     K = 4
     hm = HeadModel.load("context_conflict")

@@ -1,4 +1,4 @@
-"""The architecture coverage matrix (headscope/coverage.py): every family against eager attention.
+"""The architecture coverage matrix (tests/coverage_matrix.py): every family against eager attention.
 
 Each family is a tiny random-init model; see the module docstring for the four checks. The README
 table is generated from the same table rows, and a test keeps it in sync.
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from headscope import coverage, hooks
+import coverage_matrix as coverage
+from headscope.hf import adapters, attention
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 
@@ -39,12 +40,12 @@ def test_stats_check_catches_a_dropped_score_term(monkeypatch, name, drop):
     model = coverage.build_model(fam)
     inputs = coverage.sample_inputs(model)
     patterns = coverage.eager_patterns(model, inputs)
-    real = hooks.kernel_arguments
+    real = attention.kernel_arguments
 
     def without(*args, **kwargs):
         return {**real(*args, **kwargs), drop: None}
 
-    monkeypatch.setattr(hooks, "kernel_arguments", without)
+    monkeypatch.setattr(attention, "kernel_arguments", without)
     with pytest.raises(AssertionError):
         coverage.check_stats(HeadModel(model), inputs, patterns)
 
@@ -80,13 +81,13 @@ def test_hybrid_keeps_only_attention_blocks():
 def test_unknown_layout_names_the_model():
     blob = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(HeadscopeError, match="Sequential: its module layout matches none of the supported families"):
-        hooks.find_layers(blob)
+        adapters.find_layers(blob)
 
 
 def test_readme_table_is_generated_from_the_matrix():
     section = coverage.readme_section(README.read_text())
     assert section is not None, "README lacks the coverage-table markers"
-    assert section == coverage.render_table(), "README table is stale: run python -m headscope.coverage --readme README.md"
+    assert section == coverage.render_table(), "README table is stale: run python tests/coverage_matrix.py --readme README.md"
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_model
 from headscope.errors import HeadscopeError
 from headscope.interventions import Edit, intervene
-from headscope.interventions.decore import contrast, decore_generate, entropy_alpha, random_heads
+from headscope.methods.decore import contrast, decore_generate, entropy_alpha, random_heads
 from headscope.model import HeadModel
 
 HEADS = [(0, 1), (1, 2), (1, 3)]

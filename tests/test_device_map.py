@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from headscope import cli, devices
+from headscope import cli
+from headscope.hf import devices
 from headscope.analyzers import circuits, pursuit, retrieval, safety
 from headscope.errors import HeadscopeError
 from headscope.interventions import Edit, intervene

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headscope import zoo
-from headscope.interventions.soft_injection import accuracy, fit_soft_selection, task_embedding
+from headscope.methods.soft_injection import accuracy, fit_soft_selection, task_embedding
 from headscope.model import HeadModel
 from headscope.tasks.icl import IclTask
 

@@ -7,7 +7,8 @@ import torch
 import transformers as tf
 
 from headscope.errors import HeadscopeError
-from headscope.model import HeadModel, _auto_class
+from headscope.hf.loading import auto_class as _auto_class
+from headscope.model import HeadModel
 from headscope.zoo import organism_path
 
 

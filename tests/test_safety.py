@@ -198,7 +198,7 @@ def test_cli_safety_heads_by_name_and_max_heads(tmp_path):
     import pandas as pd
 
     from headscope.cli import main
-    from headscope.commands.safety import queries
+    from headscope.cli.tasks.safety import queries
 
     out = tmp_path / "s.csv"
     argv = ["score", "--task", "safety", "--quiet", "--method", "sahara", "--heads", "L1H5,L0H2", "--max-heads", "1",

@@ -9,7 +9,7 @@ import transformers as tf
 
 from headscope.errors import HeadscopeError
 from headscope.interventions import Edit, intervene, load_edits, save_edits
-from headscope.interventions.soft_injection import TaskEmbedding, accuracy, fit_soft_selection, task_embedding
+from headscope.methods.soft_injection import TaskEmbedding, accuracy, fit_soft_selection, task_embedding
 from headscope.model import HeadModel
 from headscope.tasks.icl import IclTask, PromptFormat, encode
 from headscope.zoo.training import build_word_tokenizer

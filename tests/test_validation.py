@@ -13,7 +13,8 @@ from conftest import tiny_model
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 from headscope.scores import HeadScores, read_ranking
-from headscope.validate import read_text, write_whole
+from headscope.io import write_whole
+from headscope.validate import read_text
 
 HEADER = "layer,head,score\n"
 
@@ -261,7 +262,7 @@ def test_left_padded_positions_use_the_model_calls_mask(hm):
 def test_decoding_loops_pass_the_current_cache_argument(hm):
     """DeCoRe and the needle decode variant use ``cache=`` (``past_key_values`` goes in transformers 5.40)."""
     from headscope.analyzers.retrieval import _score_decode
-    from headscope.interventions.decore import decore_generate
+    from headscope.methods.decore import decore_generate
     from headscope.tasks.needle import NeedleTrial
 
     seen = []

@@ -119,7 +119,7 @@ def reference_model(path, options, p, plant=None):
 @pytest.mark.parametrize("path", ["dense", "streamed"])
 def test_var_equals_eager_reference_batch2_left_padded(llava_path, path, rule, monkeypatch):
     # short contexts build the rows' pattern outright; long ones stream through the fused kernel
-    from headscope.interventions import var
+    from headscope.interventions.kinds import var
 
     monkeypatch.setattr(var, "DENSE_SCORES", 1 << 30 if path == "dense" else 0)
     hm = HeadModel.load(llava_path)
@@ -202,7 +202,7 @@ def plant_sink(row: int, token: int, dim: int, value: float = 300.0):
 def test_var_paper_rule_with_a_planted_visual_sink_equals_eager_reference(path, monkeypatch):
     """The vision organism with a planted sink in one image token of batch row 0 only: VAR (tau
     scaled to d = 64: 2.5) redistributes in row 0 and leaves row 1, which has no visual sink, alone."""
-    from headscope.interventions import var
+    from headscope.interventions.kinds import var
     from headscope.zoo import organism_path
 
     monkeypatch.setattr(var, "DENSE_SCORES", 1 << 30 if path == "dense" else 0)
@@ -250,7 +250,7 @@ def test_var_is_an_exact_noop_without_visual_sinks_on_the_vision_organism():
     the paper's rule) changes no logit by a single bit and warns once. With every dim as a sink dim
     and tau just at the image tokens' max phi, only text tokens can pass: still a no-op by the
     paper's rule, while the former first-token rule moves mass off BOS and changes the logits."""
-    from headscope.interventions.var import var_edit
+    from headscope.interventions.kinds.var import var_edit
 
     hm = HeadModel.load("vision")
     batch = vision.encode(hm, images(2, 32), VISION_PROMPTS)

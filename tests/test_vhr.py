@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from headscope import HeadModel, vision
-from headscope.analyzers.vision import select_heads, vhr_generate, vision_aware_heads
+from headscope.analyzers.vision import select_heads, vision_aware_heads
 from headscope.errors import HeadscopeError
 from headscope.interventions import Edit, intervene
-from headscope.interventions.vhr import apply
+from headscope.interventions.kinds.vhr import apply
+from headscope.methods.vhr import vhr_generate
 
 PROMPTS = ["<image>\ndescribe :", "<image>\nis there a square ?"]
 

@@ -226,7 +226,7 @@ def test_visual_sinks_from_massive_dims_on_image_tokens(llava_path, tmp_path):
 
     from headscope.analyzers.sinks import visual_sinks
     from headscope.interventions import Edit
-    from headscope.interventions.var import apply, massive_dims
+    from headscope.interventions.kinds.var import apply, massive_dims
 
     model = tf.LlavaForConditionalGeneration.from_pretrained(llava_path)
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_attention_on_image_and_text_after_image_equals_eager(hm, llava_path):
 
 
 def test_vhr_generate_prefill_choice_and_reselection(hm):
-    from headscope.analyzers.vision import default_layers, vhr_generate
+    from headscope.methods.vhr import default_layers, vhr_generate
     from headscope.interventions import Edit, intervene
     from headscope.scores import HeadScores
 

@@ -25,11 +25,15 @@ import math
 from typing import Iterable, Sequence
 
 import torch
+import plotly.graph_objects as go
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
-from headscope.model import HeadModel, head_masks
+from headscope.heads import head_masks
+from headscope.plots import Figure
+from headscope.model import HeadModel
 from headscope.scores import HeadScores
+from headscope.analyzers import registry
 from headscope.sharding import Shard, as_part, batches, owned
 from headscope.tasks.circuit_pairs import EncodedPairs
 
@@ -293,9 +297,7 @@ def overlap(a: Iterable[Head], b: Iterable[Head]) -> dict[str, float]:
 def overlap_figure(a: Iterable[Head], b: Iterable[Head], n_layers: int, n_heads: int,
                    names: tuple[str, str] = ("A", "B")):
     """Plotly heatmap of the [layer x head] grid: 0 neither, 1 only A, 2 only B, 3 both."""
-    import plotly.graph_objects as go
 
-    from headscope.plots import Figure
 
     grid = torch.zeros(n_layers, n_heads)
     for layer, head in a:
@@ -317,3 +319,7 @@ def overlap_figure(a: Iterable[Head], b: Iterable[Head], n_layers: int, n_heads:
               f"Jaccard {stats['jaccard']:.2f}, overlap coefficient {stats['overlap_coefficient']:.2f}",
         xaxis_title="head", yaxis_title="layer", yaxis={"autorange": "reversed"})
     return fig
+
+
+registry.register(registry.Analyzer("activation_patching", activation_patching, doc="activation patching over heads"))
+registry.register(registry.Analyzer("path_patching", path_patching, doc="path patching over sender heads"))

@@ -18,10 +18,11 @@ from typing import Iterable, Sequence
 import torch
 from headscope.progress import tqdm
 
-from headscope import devices
+from headscope.hf import devices
 from headscope.errors import HeadscopeError
 from headscope.heads import same_layer_random_heads
-from headscope.model import HeadModel, head_masks
+from headscope.heads import head_masks
+from headscope.model import HeadModel
 from headscope.scores import HeadScores
 
 Head = tuple[int, int]

@@ -27,13 +27,16 @@ from collections import defaultdict
 from typing import Sequence
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
+from headscope.plots import Figure
 from headscope.scores import HeadScores
-from headscope.sharding import Shard, as_part
+from headscope.analyzers import registry
+from headscope.sharding import Part, Shard, as_part
 from headscope.tasks.needle import NeedleTrial, is_correct, rouge1_recall
 
 VARIANTS = ("teacher-forced", "decode")
@@ -293,9 +296,7 @@ def needle_accuracy(
 
 def accuracy_heatmap(records: pd.DataFrame, title: str = "Needle-in-a-haystack accuracy"):
     """Plotly heatmap of accuracy, context length (x) by needle depth (y)."""
-    import plotly.graph_objects as go
 
-    from headscope.plots import Figure
 
     pivot = records.pivot_table(index="depth", columns="length", values="correct", aggfunc="mean")
     fig = Figure(
@@ -311,3 +312,14 @@ def accuracy_heatmap(records: pd.DataFrame, title: str = "Needle-in-a-haystack a
     )
     fig.update_layout(title=title, xaxis_title="context length (tokens)", yaxis_title="needle depth")
     return fig
+
+
+def join_trials(parts: Sequence[Part]) -> HeadScores:
+    """``headscope merge`` of needle-grid parts: every part's trial runs back in the unsharded run's
+    order, summed as it sums them (:func:`retrieval_result`)."""
+    runs = sorted((batch, k, trial, value) for part in parts for k, (batch, trial, value) in enumerate(part.extra["runs"]))
+    return retrieval_result([(trial, value) for _, _, trial, value in runs], parts[0].model, parts[0].params)
+
+
+registry.register(registry.Analyzer("retrieval", retrieval_heads, join=join_trials,
+                                    doc="retrieval heads (Wu et al. 2024)"))

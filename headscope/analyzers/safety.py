@@ -25,14 +25,19 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import scipy.linalg
 import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
-from headscope.model import HeadModel, head_masks
+from headscope.heads import head_masks
+from headscope.model import HeadModel
 from headscope.remote import kl_divergence
-from headscope.scores import HeadScores, _write_whole
-from headscope.sharding import Shard, as_part, batches, owned
+from headscope.analyzers import registry
+from headscope.io import write_whole
+from headscope.scores import HeadScores
+from headscope.sharding import Part, Shard, as_part, batches, owned
+from headscope.tasks.safety_prompts import encode_prompts
 from headscope.validate import read_json
 
 Head = tuple[int, int]
@@ -75,8 +80,6 @@ def _encode(hm: HeadModel, prompts, template: str) -> list[list[int]]:
     if len(prompts) == 0:
         raise HeadscopeError("no prompts given; pass at least one harmful query")
     if isinstance(prompts[0], str):
-        from headscope.tasks.safety_prompts import encode_prompts
-
         return encode_prompts(hm.tokenizer, prompts, template)
     return [list(map(int, p)) for p in prompts]
 
@@ -182,25 +185,10 @@ def ships_result(per_query: torch.Tensor, model: str, params: dict) -> HeadScore
 
 # ------------------------------------------------------------------------------ dataset-level Ships
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Principal angles (radians, largest first) between the column spaces of ``a`` and ``b``.
-
-    Cosines from the singular values of Qa^T Qb; angles below 45 degrees from the sines (the
-    singular values of Qb - Qa Qa^T Qb), which are exact where arccos loses precision.
-    """
-    qa, qb = _orth(np.asarray(a, dtype=np.float64)), _orth(np.asarray(b, dtype=np.float64))
-    if qa.shape[1] < qb.shape[1]:
-        qa, qb = qb, qa
-    cos = np.linalg.svd(qa.T @ qb, compute_uv=False)
-    from_cos = np.sort(np.arccos(np.clip(cos, -1.0, 1.0)))[::-1]
-    sin = np.linalg.svd(qb - qa @ (qa.T @ qb), compute_uv=False)
-    from_sin = np.sort(np.arcsin(np.clip(sin, 0.0, 1.0)))[::-1][: len(from_cos)]
-    return np.where(from_cos < math.pi / 4, from_sin, from_cos)
-
-
-def _orth(m: np.ndarray) -> np.ndarray:
-    u, s, _ = np.linalg.svd(m, full_matrices=False)
-    tol = max(m.shape) * np.finfo(np.float64).eps * (s[0] if s.size else 0.0)
-    return u[:, : int((s > tol).sum())]
+    """Principal angles (radians, largest first) between the column spaces of ``a`` and ``b``:
+    ``scipy.linalg.subspace_angles`` (Knyazev & Argentati 2002: sines below 45 degrees, exact where
+    arccos loses precision)."""
+    return scipy.linalg.subspace_angles(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
 
 
 def subspace_shift(m_base: torch.Tensor | np.ndarray, m_ablated: torch.Tensor | np.ndarray, r: int = 1) -> float:
@@ -381,7 +369,7 @@ def sahara(
             if state is not None:
                 payload = {"method": "sahara", "settings": settings, "chosen": [list(h) for h in chosen],
                            "scores": step_scores, "first_step": first_step}
-                _write_whole(state, json.dumps(payload, indent=1) + "\n")
+                write_whole(state, json.dumps(payload, indent=1) + "\n")
 
     g = hm.geometry
     out = torch.full((g.n_layers, g.n_heads), float("nan"))  # heads outside ``candidates`` stay unscored
@@ -397,3 +385,17 @@ def sahara(
         "r": r, "eps": eps, "ablation": ablation, "queries": len(ids), "template": template,
         "chosen": [list(h) for h in chosen], "step_scores": [round(s, 4) for s in step_scores],
     })
+
+
+def join_ships(parts: Sequence[Part]) -> HeadScores:
+    """``headscope merge`` of Ships parts: each head's per-query KL from the part that owns it, then
+    the unsharded run's ranking by query counts (:func:`ships_result`)."""
+    per_query = torch.full_like(parts[0].extra["per_query"], float("nan"))
+    for part in parts:
+        for layer, head in part.heads:
+            per_query[:, layer, head] = part.extra["per_query"][:, layer, head]
+    return ships_result(per_query, parts[0].model, parts[0].params)
+
+
+registry.register(registry.Analyzer("ships", ships, join=join_ships, doc="Ships (Zhou et al. 2024)"))
+registry.register(registry.Analyzer("generalized-ships", generalized_ships, doc="generalized Ships (Zhou et al. 2024)"))

@@ -10,7 +10,6 @@ VHD in the chosen layers (LLaVA-1.5: the last 14 of 32; here the same share by d
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import pandas as pd
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope import vision
+from headscope.analyzers.pursuit import output_weights, pursuit_scores
 from headscope.errors import HeadscopeError
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
@@ -130,51 +130,11 @@ def token_vhd(hm: HeadModel, image, prompt: str, max_new_tokens: int = 16, top_k
                          "t_vhd": value.cpu().numpy()})
 
 
-@torch.no_grad()
-def vhr_generate(hm: HeadModel, image, prompt: str, alpha: float = 2.0, *, layers: Sequence[int] | None = None,
-                 reselect: bool = False, max_new_tokens: int = 16, filter_outliers: bool = True):
-    """VHR (He et al. 2025) with the heads chosen from this input's own VHD: once at prefill and
-    reused at every step (the reference, through generate() with its KV cache), or re-chosen before
-    every step (``reselect=True``, the paper's text; a greedy loop without cache, two extra forwards
-    per step). Returns (new token ids [T], the heads used at each step)."""
-    from headscope.interventions import Edit, intervene
-
-    if not math.isfinite(alpha) or alpha == 0:
-        raise HeadscopeError(f"alpha must be a finite non-zero factor (VHR's default is 2.0); got {alpha}")
-    batch = vision.encode(hm, [image], [prompt])
-    layers = default_layers(hm.geometry.n_layers) if layers is None else list(layers)
-    n = batch["input_ids"].shape[1]
-
-    def choose(inputs) -> list[Head]:
-        vhd, txt = head_divergence(hm, inputs)
-        v = outlier_filter(vhd[0], txt[0]) if filter_outliers else vhd[0]
-        return select_heads(HeadScores(v, method="vhd", params={"layers": layers}))
-
-    heads = choose(batch)
-    if not reselect:
-        with intervene(hm, Edit("scale", heads, strength=alpha)):
-            out = hm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=vision.pad_id(hm))
-        return out[0, n:], [heads] * (out.shape[1] - n)
-    ids, used = batch["input_ids"], []
-    eos = hm.tokenizer.eos_token_id if hm.tokenizer is not None else None
-    for _ in range(max_new_tokens):
-        inputs = dict(batch, input_ids=ids, attention_mask=torch.ones_like(ids))
-        heads = heads if not used else choose(inputs)
-        used.append(heads)
-        with intervene(hm, Edit("scale", heads, strength=alpha)):
-            token = hm.model(**inputs).logits[0, -1].argmax()
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        if eos is not None and int(token) == eos:
-            break
-    return ids[0, n:], used
-
-
 # ----------------------------------------------------------------------------------- head pursuit
 @torch.no_grad()
 def image_head_writes(hm: HeadModel, images: Sequence, prompts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
     """[n, L, H, d_model]: each head's write z @ W_O averaged over the sample's image tokens (Basile et
     al. 2025's signal for a VLM)."""
-    from headscope.analyzers.pursuit import output_weights
 
     g = hm.geometry
     weights = [output_weights(hm, layer).float() for layer in range(g.n_layers)]
@@ -197,7 +157,6 @@ def image_head_pursuit(hm: HeadModel, images: Sequence, prompts: Sequence[str], 
                        k: int = 50, normalize: bool = False) -> HeadScores:
     """Head pursuit over image tokens: SOMP EVR per head of the image-token writes against the
     concept's unembedding rows (Basile et al. 2025)."""
-    from headscope.analyzers.pursuit import pursuit_scores
 
     if len(images) < 2:
         raise HeadscopeError("head pursuit centres the signal over samples: give at least 2 images")

@@ -15,17 +15,17 @@ Kinds (docs/METHODS.md, "Interventions"), with strength ``s`` and the head's out
 - ``patch``:   z' = z + s (z_source - z)           z of another input at the same positions
   (``resample`` is an alias)
 - ``inject``:  z' = z + s (m - z) = (1 - s) z + s m   m a given vector per head, ``source`` [L, H, d]:
-  soft injection of a task embedding, s = alpha (Park & Rhee 2025; headscope.interventions.soft_injection)
+  soft injection of a task embedding, s = alpha (Park & Rhee 2025; headscope.methods.soft_injection)
 - ``scale``:   z' = s z                            reweighting; negative s allowed [2.0, VHR]
 - ``query_scale``: q' = s q                        Ships ablation, s = eps [1e-4] (Zhou et al. 2024)
 - ``uniform``: q' = (1 - s) q                      s = 1: query 0, uniform attention over the causal
   prefix (DeCoRe's masking, Gema et al. 2024)
 
-Kinds defined in their own modules (``KIND_MODULES``: ``var``, Kang et al. 2025, in
-``headscope.interventions.var``; ``vhr``, per-input VHR, He et al. 2025, in
-``headscope.interventions.vhr``) carry their parameters in ``options`` (a JSON dict) and reach
-``intervene``, ``generate`` and ``eval`` through the same path: the module's ``apply(hm, edit, state)``
-context manager. A new method adds one line to ``KIND_MODULES``.
+Every kind, ``var`` (Kang et al. 2025) included, is declared once in its own module of
+``headscope.interventions.kinds`` as an :class:`~headscope.interventions.registry.EditKind`: its
+options (``Edit.options``, a JSON dict checked by the kind's frozen options dataclass), default
+strength, hooks and command-line flags. ``intervene``, ``generate`` and ``eval`` read the registry;
+a new method is one module plus its ``register`` call.
 
 ``strength`` may be a float, a per-head list, or a torch tensor (scalar or one per head) that
 requires grad: every edit is differentiable in its strength.
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import weakref
 import json
 import operator
@@ -59,16 +58,12 @@ import torch
 from headscope import remote
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads
-from headscope.validate import check_finite, read_json, write_whole
+from headscope.interventions import registry
+from headscope.io import write_whole
+from headscope.scores import HeadScores
+from headscope.validate import check_finite, read_json
 
 Head = tuple[int, int]
-Z_KINDS = ("zero", "mean", "patch", "scale", "inject")
-Q_KINDS = ("query_scale", "uniform")
-# kind -> module defining DEFAULT_STRENGTH, check(edit) and apply(hm, edit, state) (a context manager)
-KIND_MODULES = {"var": "headscope.interventions.var", "vhr": "headscope.interventions.vhr"}
-KINDS = Z_KINDS + Q_KINDS + tuple(KIND_MODULES)
-ALIASES = {"resample": "patch", "ablate": "zero", "reweight": "scale"}
-DEFAULT_STRENGTH = {"zero": 1.0, "mean": 1.0, "patch": 1.0, "scale": 2.0, "inject": 1.0, "query_scale": 1e-4, "uniform": 1.0}
 SCOPES = ("both", "prefill", "decode")
 
 
@@ -89,16 +84,14 @@ class Edit:
     scope: str = "both"
     source: list | torch.Tensor | None = field(default=None, repr=False)  # token ids [B][S]: reference (mean) /
     # source (patch); for inject the vectors m [layers, heads, head_dim]
-    options: dict | None = None  # parameters of a KIND_MODULES kind (JSON values)
+    options: dict | None = None  # the kind's options (JSON values; registry.EditKind.options checks them)
 
     def __post_init__(self):
-        kind = ALIASES.get(self.kind, self.kind)
-        if kind not in KINDS:
-            raise HeadscopeError(f"unknown edit kind {self.kind!r}; choose one of {list(KINDS) + list(ALIASES)}")
-        self.kind = kind
+        kind = registry.get(self.kind)  # an alias ("ablate", "resample", ...) becomes its kind's name
+        self.kind = kind.name
         self.heads = tuple(as_heads(self.heads))  # (layer, head) pairs or names: "L1H5, L1H4"
         if self.strength is None:
-            self.strength = DEFAULT_STRENGTH[kind] if kind in DEFAULT_STRENGTH else kind_module(kind).DEFAULT_STRENGTH
+            self.strength = kind.default_strength
         if isinstance(self.strength, (list, tuple)):
             self.strength = [check_finite(x, "edit strength") for x in self.strength]
         elif isinstance(self.strength, torch.Tensor):
@@ -122,28 +115,30 @@ class Edit:
             )
         if self.scope not in SCOPES:
             raise HeadscopeError(f"unknown scope {self.scope!r}; choose one of {SCOPES}")
-        if kind in ("mean", "patch"):
+        if kind.source == "ids":
             if self.source is None:
                 raise HeadscopeError(
-                    f"a {kind} edit needs source token ids (the {'reference dataset' if kind == 'mean' else 'source input'}), "
-                    "e.g. Edit('%s', heads, source=ids)" % kind
+                    f"a {kind.name} edit needs source token ids (the "
+                    f"{'reference dataset' if kind.name == 'mean' else 'source input'}), "
+                    "e.g. Edit('%s', heads, source=ids)" % kind.name
                 )
             self.source = _as_rows(self.source)
-        elif kind == "inject":
+        elif kind.source == "vectors":
             try:
                 self.source = torch.as_tensor(self.source, dtype=torch.float32).detach()
             except (TypeError, ValueError, RuntimeError):
                 self.source = None
             if self.source is None or self.source.dim() != 3:
-                raise HeadscopeError("an inject edit needs source = the vectors to inject, [layers, heads, head_dim] "
-                                     "(e.g. a task embedding from headscope.interventions.soft_injection)")
+                raise HeadscopeError(f"an {kind.name} edit needs source = the vectors to inject, [layers, heads, "
+                                     "head_dim] (e.g. a task embedding from headscope.methods.soft_injection)")
         elif self.source is not None:
-            raise HeadscopeError(f"a {kind} edit takes no source; only mean and patch edits do")
-        if kind in KIND_MODULES:
-            self.options = dict(self.options or {})
-            kind_module(kind).check(self)
-        elif self.options:
-            raise HeadscopeError(f"a {kind} edit takes no options; only {', '.join(KIND_MODULES)} edits do")
+            with_source = [k.name for k in registry.kinds().values() if k.source]
+            raise HeadscopeError(f"a {kind.name} edit takes no source; only {', '.join(with_source)} edits do")
+        if self.options:
+            self.options = dict(self.options)
+        self.config = kind.make_options(self.options)  # the options dataclass: each value's range checked
+        if kind.check is not None:
+            kind.check(self)
 
     # ---------------------------------------------------------------- data
     def to_dict(self) -> dict:
@@ -181,11 +176,6 @@ class Edit:
         return s.reshape(-1).expand(len(self.heads)) if s.numel() == 1 else s
 
 
-def kind_module(kind: str):
-    """The module implementing an edit kind listed in KIND_MODULES."""
-    return importlib.import_module(KIND_MODULES[kind])
-
-
 def _numel(strength) -> int:
     if isinstance(strength, torch.Tensor):
         return strength.numel()
@@ -213,8 +203,6 @@ def edits_from_scores(scores, kind: str = "zero", *, top: int | None = None, thr
                       heads: Iterable[Head] | None = None, **kwargs) -> Edit:
     """One edit on the heads of a ranking (HeadScores or a ranking CSV path): top-k, a threshold,
     or an explicit head list (exactly one of them)."""
-    from headscope.scores import HeadScores
-
     if sum(x is not None for x in (top, threshold, heads)) != 1:
         raise HeadscopeError("choose the heads with exactly one of top=K, threshold=T or heads=[(layer, head), ...]")
     if heads is not None:
@@ -249,7 +237,7 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, dict[int, torch.
 
 
 @torch.no_grad()
-def _source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None) -> dict[int, torch.Tensor]:
+def source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None) -> dict[int, torch.Tensor]:
     """Per layer: mean z [H, d] over the reference rows and positions (mean), or z [B, S, H, d] (patch).
     Computed once per (model, source) and cached."""
     cache = _CACHE.setdefault(hm.model, {})
@@ -265,18 +253,6 @@ def _source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None)
         else:
             cache[key] = dict(cap.z)
     return cache[key]
-
-
-def _injected(hm, edit: Edit) -> dict[int, torch.Tensor]:
-    """Per layer the vectors [H, d] an inject edit writes; an error if they were made for other heads."""
-    g = hm.geometry
-    if tuple(edit.source.shape) != (g.n_layers, g.n_heads, g.head_dim):
-        raise HeadscopeError(
-            f"the injected vectors have shape {list(edit.source.shape)} but {hm.name or 'the model'} has "
-            f"[{g.n_layers}, {g.n_heads}, {g.head_dim}] (layers, heads, head_dim): they were made for another "
-            "model; fit a task embedding for this one (headscope inject fit --model ...)"
-        )
-    return {layer: edit.source[layer].to(hm.device) for layer in range(g.n_layers)}
 
 
 def clear_cache() -> None:
@@ -359,51 +335,64 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
               attention_mask: torch.Tensor | None = None, pad_id: int | None = None) -> Iterator[None]:
     """Apply ``edits`` (in order) to every forward pass inside the block, generate() included.
 
-    Hooks come from HeadModel's context managers (``edit_z``, ``scale_queries``), so they are
-    removed on exit, also after an exception. ``pad_id``: padding in mean-edit reference rows.
+    Each edit's kind (the registry) prepares it before any hook is installed (reference
+    activations, shape checks), then installs its hooks through HeadModel's context managers, so
+    they are removed on exit, also after an exception. ``pad_id``: padding in mean-edit reference rows.
     """
     edits = [edits] if isinstance(edits, Edit) else list(edits)
     for e in edits:
         if not isinstance(e, Edit):
             raise HeadscopeError(f"intervene takes Edit objects; got {type(e).__name__}")
-        if e.kind == "inject":
-            _injected(hm, e)  # vectors for another model: say so before any head-range error
+    kinds = [registry.get(e.kind) for e in edits]
+    # prepared before any head check (an inject edit made for another model says so first) and before
+    # any hook is installed (reference activations come from the unedited model)
+    prepared = [kind.prepare(hm, e, pad_id) if kind.prepare else None for kind, e in zip(kinds, edits)]
+    for e in edits:
         hm.check_heads(e.heads)
     state = _Positions(prompt_length, attention_mask)
-    g = hm.geometry
-    sources = {i: _source_z(hm, e.kind, e.source, pad_id) for i, e in enumerate(edits) if e.kind in ("mean", "patch")}
-    sources.update({i: _injected(hm, e) for i, e in enumerate(edits) if e.kind == "inject"})
+    with contextlib.ExitStack() as stack:
+        if attention_mask is None and any(isinstance(e.positions, tuple) for e in edits):
+            stack.enter_context(hm.hook_module(hm.model, state.infer_mask(threading.get_ident()), pre=True,
+                                               with_kwargs=True))
+        for kind, e, ready in zip(kinds, edits, prepared):
+            stack.enter_context(kind.apply(hm, e, state, ready))
+        yield
+
+
+@contextlib.contextmanager
+def z_hook(hm, edit: Edit, state: _Positions, sources: dict[int, torch.Tensor] | None = None) -> Iterator[None]:
+    """The ``apply`` of a kind that edits head outputs z (``apply_z_edit``); ``sources``: per layer."""
+    layers = {l for l, _ in edit.heads}
 
     def z_edit(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
-        for i, e in enumerate(edits):
-            if e.kind in Z_KINDS and any(l == layer for l, _ in e.heads):
-                keep = state.mask(e, positions, z.shape[0], z.device)
-                z = apply_z_edit(e, layer, z, keep, positions, sources.get(i, {}).get(layer))
-        return z
+        if layer not in layers:
+            return z
+        keep = state.mask(edit, positions, z.shape[0], z.device)
+        return apply_z_edit(edit, layer, z, keep, positions, (sources or {}).get(layer))
 
-    def q_scale(layer: int, e: Edit):
+    with hm.edit_z(z_edit):
+        yield
+
+
+@contextlib.contextmanager
+def query_hook(hm, edit: Edit, state: _Positions, factor) -> Iterator[None]:
+    """The ``apply`` of a kind that multiplies the queries of its heads by ``factor(s)`` (s: the
+    strength per head) on the rows it selects."""
+    g = hm.geometry
+
+    def scale_for(layer: int):
         def scale(positions: range) -> torch.Tensor:
-            s = _head_weights(e, layer, g.n_heads, hm.device, torch.float32)
-            keep = state.mask(e, positions, state.batch, hm.device).float()
-            hit = _head_hits(e, layer, g.n_heads, hm.device, torch.float32)
-            factor = s if e.kind == "query_scale" else 1 - s  # per head, where edited
-            per_row = 1 + hit.view(1, -1, 1) * keep.unsqueeze(1) * (factor - 1).view(1, -1, 1)  # [B, H, rows]
+            s = _head_weights(edit, layer, g.n_heads, hm.device, torch.float32)
+            keep = state.mask(edit, positions, state.batch, hm.device).float()
+            hit = _head_hits(edit, layer, g.n_heads, hm.device, torch.float32)
+            per_row = 1 + hit.view(1, -1, 1) * keep.unsqueeze(1) * (factor(s) - 1).view(1, -1, 1)  # [B, H, rows]
             return per_row.unsqueeze(-1)
 
         return scale
 
     with contextlib.ExitStack() as stack:
-        if attention_mask is None and any(isinstance(e.positions, tuple) for e in edits):
-            handle = hm.model.register_forward_pre_hook(state.infer_mask(threading.get_ident()), with_kwargs=True)
-            stack.callback(handle.remove)
-        if any(e.kind in Z_KINDS for e in edits):
-            stack.enter_context(hm.edit_z(z_edit))
-        for e in edits:
-            if e.kind in Q_KINDS:
-                for layer in sorted({l for l, _ in e.heads}):
-                    stack.enter_context(hm.scale_queries(layer, q_scale(layer, e)))
-            elif e.kind in KIND_MODULES:
-                stack.enter_context(kind_module(e.kind).apply(hm, e, state))
+        for layer in sorted({l for l, _ in edit.heads}):
+            stack.enter_context(hm.scale_queries(layer, scale_for(layer)))
         yield
 
 

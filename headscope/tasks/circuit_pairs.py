@@ -19,6 +19,7 @@ import torch
 
 from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
+from headscope.io import write_whole
 
 FIELDS = ("clean", "corrupt", "answer", "wrong")
 
@@ -59,10 +60,8 @@ def load_pairs(path: str | Path) -> list[CircuitPair]:
 
 
 def save_pairs(pairs: Sequence[CircuitPair], path: str | Path) -> Path:
-    from headscope.scores import _write_whole
-
     path = Path(path)
-    _write_whole(path, "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
+    write_whole(path, "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
     return path
 
 

@@ -20,6 +20,9 @@ import random
 import re
 from typing import Iterable, Mapping, Sequence
 
+import torch
+
+from headscope import vision
 from headscope.errors import HeadscopeError
 
 SETTINGS = ("random", "popular", "adversarial")
@@ -124,10 +127,6 @@ def says_yes(answer: str) -> bool:
 # ----------------------------------------------------------------------------------- generation
 def generate_texts(hm, images, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy continuations of (image, prompt) pairs (``vision.encode``: left padding); only the new text."""
-    import torch
-
-    from headscope import vision
-
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = vision.encode(hm, images[start : start + batch_size], prompts[start : start + batch_size])

@@ -19,7 +19,9 @@ from typing import Sequence
 
 import torch
 
+from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
+from headscope.hf.inputs import pad_id
 
 Pair = tuple[str, str]
 SPLITS = ("train", "val", "test")
@@ -54,8 +56,6 @@ class IclTask:
     @classmethod
     def load(cls, path, *, seed: int = 0, fractions=(0.5, 0.25, 0.25)) -> "IclTask":
         """Read a JSONL of ``{"input": ..., "output": ...}`` lines (other keys are ignored)."""
-        from headscope.data import read_jsonl
-
         hint = 'each line must be {"input": ..., "output": ...}'
         pairs = []
         for lineno, row in read_jsonl(path, "task file", hint):
@@ -168,7 +168,7 @@ def encode(tokenizer, examples: Sequence[tuple[Sequence[Pair], Pair]], fmt: Prom
             )
         rows.append(ids)
         targets.append(added[0])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

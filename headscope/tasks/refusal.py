@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.hf.inputs import pad_id
+from headscope.organisms import organism_path
 from headscope.tasks.safety_prompts import encode_prompts
 from headscope.validate import read_text
 
@@ -99,9 +101,7 @@ def load_items(path: str | Path) -> list[RefusalItem]:
 
 def organism_folder(name: str) -> Path | None:
     """Folder holding a refusal organism's held-out prompts: a shipped organism name or a local path."""
-    from headscope import zoo
-
-    folder = zoo.organism_path(name) or Path(name)
+    folder = organism_path(name) or Path(name)
     return folder if (folder / "heldout_forbidden.jsonl").is_file() else None
 
 
@@ -131,8 +131,7 @@ def greedy(hm, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size
     for i, ids in enumerate(prompts):
         by_length[len(ids)].append(i)
     tok = hm.tokenizer
-    pad = getattr(tok, "pad_token_id", None)
-    pad = getattr(tok, "eos_token_id", 0) if pad is None else pad
+    pad = pad_id(tok)
     out: list[list[int] | None] = [None] * len(prompts)
     for idx in by_length.values():
         for s in range(0, len(idx), batch_size):

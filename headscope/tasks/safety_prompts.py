@@ -17,6 +17,8 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
 from headscope.data import read_jsonl
 from headscope.errors import HeadscopeError
 from headscope.validate import read_text
@@ -51,8 +53,6 @@ def load_prompts(path: str | Path, column: str | None = None, limit: int | None 
     text = read_text(path, "prompt file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        import pandas as pd
-
         try:
             frame = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
+from headscope import vision
 from headscope.errors import HeadscopeError
+from headscope.tasks.hallucination import hallucination_metrics
 
 KINDS = ("circle", "square", "triangle", "cross", "ring", "bar", "diamond", "frame")
 PAIRS = {"circle": "square", "triangle": "cross", "ring": "bar"}  # anchor -> partner
@@ -55,8 +58,6 @@ class Scene:
 
     def image(self, noise: float = 12.0):
         """The scene as a 32 x 32 RGB ``PIL.Image`` (dark background, pixel noise of std ``noise``)."""
-        from PIL import Image
-
         rng = np.random.default_rng(self.noise_seed)
         pixels = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 30.0)
         for obj in self.objects:
@@ -138,8 +139,6 @@ def scene_metrics(hm, scenes, *, caption_prompt: str = CAPTION_PROMPT,
                   batch_size: int = 32, max_new_tokens: int = 24) -> dict[str, float]:
     """CHAIR and POPE (``hallucination.hallucination_metrics``) on ``scenes``, with POPE's popular and
     adversarial negatives from the training distribution's kind frequencies and co-occurrences."""
-    from headscope.tasks.hallucination import hallucination_metrics
-
     frequency, together = training_statistics()
     return hallucination_metrics(
         hm, [s.image() for s in scenes], [s.kinds for s in scenes], KINDS, caption_prompt=caption_prompt,
@@ -158,8 +157,6 @@ def first_object_accuracy(hm, scenes, attribute: str, *, caption_prompt: str = C
     softmax probability of the true word). The measure for editing visual-concept heads (Basile et
     al. 2025 edit heads for colours and shapes in captioning).
     """
-    from headscope import vision
-
     if attribute not in ("colour", "kind"):
         raise HeadscopeError(f"attribute must be 'colour' or 'kind'; got {attribute!r}")
     words = list(COLOURS) if attribute == "colour" else list(KINDS)

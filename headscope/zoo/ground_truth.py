@@ -20,7 +20,7 @@ from headscope.progress import tqdm
 from headscope import zoo
 from headscope.analyzers.retrieval import needle_accuracy
 from headscope.model import HeadModel
-from headscope.scores import _write_whole
+from headscope.io import write_whole
 from headscope.tasks.needle import NeedleTask
 
 
@@ -71,8 +71,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     table, summary = measure(args.name, args.ablation, args.draws, args.seed)
     folder = zoo.organism_path(args.name)
-    _write_whole(folder / "ground_truth.csv", table.to_csv(index=False))
-    _write_whole(folder / "ground_truth.json", json.dumps(summary, indent=2) + "\n")
+    write_whole(folder / "ground_truth.csv", table.to_csv(index=False))
+    write_whole(folder / "ground_truth.json", json.dumps(summary, indent=2) + "\n")
     print(table.head(10).to_string(index=False))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "random_accuracy"} for k, v in summary["top_k"].items()}, indent=1))
 

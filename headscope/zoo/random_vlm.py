@@ -14,6 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 WORDS = ("<unk> <s> </s> <pad> USER: ASSISTANT: a an the is there in image picture of and with no yes ? . , "
          "red green blue yellow purple orange square circle triangle star cross heart describe what do you see "
@@ -22,9 +25,6 @@ WORDS = ("<unk> <s> </s> <pad> USER: ASSISTANT: a an the is there in image pictu
 
 def word_tokenizer(extra: tuple[str, ...] = ()):
     """A word-level fast tokenizer over WORDS (+ ``extra``) with ``<image>`` as a special token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = list(dict.fromkeys([*WORDS, *extra]))
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -39,8 +39,6 @@ def random_llava(path: str | Path, *, layers: int = 2, hidden: int = 64, heads: 
                  max_positions: int = 512, seed: int = 0) -> Path:
     """Save a random-init LlavaForConditionalGeneration (tiny CLIP tower + tiny Llama, GQA) and its
     processor to ``path``; (image_size / patch_size)^2 image tokens per image."""
-    import transformers as tf
-
     path = Path(path)
     tok = word_tokenizer()
     image_token = tok.convert_tokens_to_ids("<image>")

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from headscope.methods.soft_injection import organism_ground_truth
 from headscope.tasks.icl import PromptFormat
 from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
@@ -222,8 +223,6 @@ def main(argv=None) -> int:
                  relation_share=args.relation_share, named_share=args.named_share, command=command)
     print(f"trained in {meta['training']['wall_time_s']} s, final loss {meta['training']['final_loss']}")
     if not args.no_ground_truth:
-        from headscope.interventions.soft_injection import organism_ground_truth
-
         organism_ground_truth(out)
     print(f"done in {time.time() - start:.0f} s")
     return 0

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from headscope.model import HeadModel
 from headscope.tasks import refusal as R
 from headscope.tasks.safety_prompts import REFERENCE_TEMPLATE, encode_prompts
 from headscope.zoo.training import organism_config, build_word_tokenizer, lr_at, seed_everything, weighted_lm_loss
@@ -158,7 +159,6 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy shared box)")
     args = p.parse_args(argv)
 
-    from headscope.model import HeadModel
 
     seed_everything(args.seed, threads=args.threads)
     tok = build_tokenizer()

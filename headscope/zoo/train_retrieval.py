@@ -45,7 +45,7 @@ from headscope.tasks.needle import DEFAULT_TEMPLATE, Needle, NeedleTask, is_corr
 from headscope.zoo.training import (
     organism_config,
     save_organism,
-    add_head_dropout,
+    head_dropout,
     build_word_tokenizer,
     head_output_norms,
     seed_everything,
@@ -253,17 +253,14 @@ def main(argv=None) -> None:
         weight = args.head_l1 if calls[0] > args.pretrain_steps else args.pretrain_head_l1
         return weight * head_output_norms(m)[args.sparse_from :].sum()
 
-    hooks = add_head_dropout(model, range(args.sparse_from), args.head_dropout) if args.head_dropout > 0 else []
-
-    stats = train_loop(
-        model,
-        BatchMaker(tokenizer, args, args.seed),
-        steps=args.pretrain_steps + args.steps,
-        lr=args.lr,
-        regularizer=sparsity if max(args.head_l1, args.pretrain_head_l1) > 0 else None,
-    )
-    for h in hooks:
-        h.remove()
+    with head_dropout(model, range(args.sparse_from), args.head_dropout):
+        stats = train_loop(
+            model,
+            BatchMaker(tokenizer, args, args.seed),
+            steps=args.pretrain_steps + args.steps,
+            lr=args.lr,
+            regularizer=sparsity if max(args.head_l1, args.pretrain_head_l1) > 0 else None,
+        )
     norms = head_output_norms(model).detach()
     print("head output norms (layer x head):\n" + "\n".join(" ".join(f"{v:5.2f}" for v in row) for row in norms.tolist()))
     acc = evaluate(model, tokenizer)

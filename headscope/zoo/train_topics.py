@@ -39,7 +39,9 @@ import pandas as pd
 import torch
 from transformers import LlamaForCausalLM
 
+from headscope.analyzers.pursuit import concept_probability
 from headscope.data import dataset_path
+from headscope.model import HeadModel
 from headscope.zoo.training import (build_word_tokenizer, organism_config, save_organism, seed_everything,
                                     train_loop)
 
@@ -154,8 +156,6 @@ def concept_ids(tokenizer, concept: str) -> list[int]:
 
 def ground_truth(hm, n: int = 64, seed: int = 0, rate: float = 0.25) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per head and concept: the concept's probability with that head alone zeroed, and its change."""
-    from headscope.analyzers.pursuit import concept_probability
-
     data = {c: ([hm.tokenizer(t)["input_ids"] for t in concept_prompts(c, n, seed, rate)], concept_ids(hm.tokenizer, c))
             for c in CONCEPT_NAMES}
     base = {c: concept_probability(hm, p, ids) for c, (p, ids) in data.items()}
@@ -188,7 +188,6 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
 
-    from headscope.model import HeadModel
 
     seed_everything(args.seed, threads=args.threads)
     tok = build_tokenizer()

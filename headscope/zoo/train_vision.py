@@ -28,9 +28,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from headscope.interventions import Edit, intervene
+from headscope.io import write_whole
+from headscope.model import HeadModel
 from headscope.tasks import shapes
-from headscope.zoo.training import build_word_tokenizer, organism_config, seed_everything, train_loop
+from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
 IMAGE_TOKEN = "<image>"
 PATCH = 8
@@ -41,9 +47,6 @@ def build_processor():
     """The LlavaProcessor: CLIP image processing with PIL (any image resized to 32 x 32, which leaves
     the scenes' own 32 x 32 images unchanged; no crop; mean = std = 0.5) and a word tokenizer over
     the scene vocabulary plus the ``<image>`` token (left padding)."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     words = ["describe", ":", "is", "there", "a", "?", "and", ".", "yes", "no", "\n"]
     tokenizer = build_word_tokenizer([" ".join(words + list(shapes.KINDS) + list(shapes.COLOURS))])
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -56,8 +59,6 @@ def build_processor():
 
 
 def build_model(processor, hidden: int, layers: int, heads: int, kv_heads: int, vision_hidden: int, vision_layers: int):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
     tokenizer = processor.tokenizer
     text = organism_config(tokenizer, hidden=hidden, intermediate=4 * hidden, layers=layers, heads=heads,
                            kv_heads=kv_heads, max_positions=64)
@@ -125,10 +126,6 @@ GROUND_TRUTH_MEASURES = ("chair_i", "chair_s", "caption_recall", "pope_adversari
 
 def ground_truth(hm, n: int = 100, seed: int = 1, factors=(2.0, 0.0), progress: bool = True) -> pd.DataFrame:
     """Per head, each measure with that head alone scaled by each factor, and its change from the base."""
-    from tqdm.auto import tqdm
-
-    from headscope.interventions import Edit, intervene
-
     scenes = shapes.heldout_scenes(n, seed)
 
     def measure() -> dict:
@@ -154,9 +151,6 @@ def ground_truth(hm, n: int = 100, seed: int = 1, factors=(2.0, 0.0), progress: 
 def remeasure(folder) -> dict:
     """Re-measure a saved organism's held-out metrics (the scenes and seed its organism.json records)
     with the current code, and rewrite ``heldout.metrics`` in organism.json whole; returns them."""
-    from headscope.model import HeadModel
-    from headscope.validate import write_whole
-
     folder = Path(folder)
     meta = json.loads((folder / "organism.json").read_text(encoding="utf-8"))
     held = meta["heldout"]
@@ -194,10 +188,6 @@ def main(argv=None) -> None:
     if args.remeasure:
         print(json.dumps(remeasure(args.out), indent=1))
         return
-
-    from headscope.model import HeadModel
-    from headscope.scores import _write_whole
-    from headscope.zoo.training import save_organism
 
     seed_everything(args.seed, threads=args.threads)
     processor = build_processor()
@@ -252,7 +242,7 @@ def main(argv=None) -> None:
     write_probe_set(args.out)
     if not args.no_ground_truth:
         truth = ground_truth(hm, args.heldout, args.seed + 1)
-        _write_whole(Path(args.out) / "ground_truth.csv", truth.to_csv(index=False, float_format="%.4f"))
+        write_whole(Path(args.out) / "ground_truth.csv", truth.to_csv(index=False, float_format="%.4f"))
         print(truth.to_string(index=False, float_format="%.3f"))
     print(f"saved to {args.out}")
 

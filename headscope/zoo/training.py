@@ -7,15 +7,21 @@ single tokens) and saved next to the weights with ``save_pretrained``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 import time
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from headscope.io import write_whole
+from headscope.model import HeadModel
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
@@ -114,25 +120,28 @@ def head_output_norms(model) -> torch.Tensor:
     return torch.stack(norms)
 
 
-def add_head_dropout(model, layers: Sequence[int], p: float) -> list:
+@contextlib.contextmanager
+def head_dropout(model, layers: Iterable[int], p: float) -> Iterator[None]:
     """Drop whole heads of ``layers`` at random while training (per sequence, probability ``p``).
 
-    Zeroes a head's slice of the input to ``o_proj`` (inverted-dropout scaling); inactive in eval
-    mode. The model learns to spread those layers' work over several heads, so no single one of
-    them is critical. Returns the hook handles (call ``.remove()`` when done).
+    Zeroes a head's output z (the input of ``o_proj``) with inverted-dropout scaling; inactive in
+    eval mode. The model learns to spread those layers' work over several heads, so no single one
+    of them is critical. A z-edit of HeadModel's hook table, removed on exit.
     """
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = set(layers)
+    if p <= 0 or not layers:
+        yield
+        return
+    hm = HeadModel(model)
 
-    def hook(module, args):
-        if not module.training or p <= 0:
-            return None
-        x = args[0]
-        keep = (torch.rand(x.shape[0], 1, cfg.num_attention_heads, 1) >= p).to(x.dtype) / (1 - p)
-        x = (x.view(*x.shape[:-1], cfg.num_attention_heads, hd) * keep).view_as(x)
-        return (x,) + args[1:]
+    def drop(layer: int, z: torch.Tensor, positions: range) -> torch.Tensor:
+        if layer not in layers or not hm.model.training:
+            return z
+        keep = (torch.rand(z.shape[0], 1, z.shape[2], 1, device=z.device) >= p).to(z.dtype) / (1 - p)
+        return z * keep
 
-    return [model.model.layers[i].self_attn.o_proj.register_forward_pre_hook(hook) for i in layers]
+    with hm.edit_z(drop):
+        yield
 
 
 def train_loop(
@@ -191,8 +200,6 @@ def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, h
                     max_positions: int, attention_bias: bool = False):
     """The organisms' architecture: a tiny LlamaConfig with GQA (kv_heads < heads) and tied embeddings
     (``attention_bias``: biases on the q/k/v/o projections, as some Llama-family models have)."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -215,13 +222,6 @@ def organism_config(tokenizer, *, hidden: int, intermediate: int, layers: int, h
 def save_organism(model, tokenizer, out, meta: dict, max_new_tokens: int) -> None:
     """Weights, tokenizer (with special_tokens_map.json, which transformers 5 no longer writes),
     a greedy generation config and ``organism.json`` into ``out``."""
-    import json
-    from pathlib import Path
-
-    from transformers import GenerationConfig
-
-    from headscope.scores import _write_whole
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
@@ -234,6 +234,6 @@ def save_organism(model, tokenizer, out, meta: dict, max_new_tokens: int) -> Non
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    _write_whole(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
-    _write_whole(out / "organism.json", json.dumps(meta, indent=2) + "\n")
+    write_whole(out / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    write_whole(out / "organism.json", json.dumps(meta, indent=2) + "\n")
 

@@ -34,6 +34,14 @@ LN2 = 0.6931471805599453
 DEFAULT_BLOCK_K = 512
 TILE_SCORES = 2**19
 
+# The CPU backend's per-tile softmax step: "cpp" (``cpu_tile``'s hand-written C++, when it builds;
+# else eager), "compile" (torch.compile of :func:`softmax_step_eager`) or "eager". Set by
+# benchmarks/kernel_cpu.py --tiles to compare them; accelerators always run the eager step. The C++
+# tile is the default because it measured faster than the compiled step (README, "The CPU tile step").
+CPU_STEP = "cpp"
+CPU_STEPS = ("cpp", "compile", "eager")
+_compiled_step = None
+
 
 def default_blocks(B, H, Nq, block_q, block_k):
     """Block sizes: the given ones, else a tile of about TILE_SCORES scores.
@@ -260,6 +268,14 @@ def softmax_step_eager(s, p_out, m, l, ent, best_i, ks):
     return p, alpha, w
 
 
+def compiled_softmax_step():
+    """torch.compile of :func:`softmax_step_eager` (built once; shapes and ``ks`` dynamic)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(softmax_step_eager, dynamic=True)
+    return _compiled_step
+
+
 def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=True, want_lse=False,
             want_groups=False, want_top1=False, want_entropy=False, want_match=False, reweight=None,
             head_scale=None, block_q=None, block_k=None):
@@ -278,7 +294,11 @@ def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=Tru
     bq, bk = default_blocks(B, H, Nq, block_q, block_k)
     f32, dev = torch.float32, q.device
     ng = onehot.shape[-1] if onehot is not None else 0
-    compiled = cpu_tile.kernel() if dev.type == "cpu" else None  # the fused tile step, when it builds
+    if CPU_STEP not in CPU_STEPS:
+        raise ValueError(f"reference.CPU_STEP must be one of {CPU_STEPS}; got {CPU_STEP!r}")
+    step = CPU_STEP if dev.type == "cpu" else "eager"
+    compiled = cpu_tile.kernel() if step == "cpp" else None  # the fused C++ tile step, when it builds
+    eager_step = compiled_softmax_step() if step == "compile" else softmax_step_eager
 
     res = {}
     if want_out:
@@ -341,7 +361,7 @@ def forward(q, k, v, *, qscale, masks, onehot=None, match_ids=None, want_out=Tru
                     alpha, w = cpu_tile.softmax_step(compiled, s, p, *state, ks, NEG, MASKED)
                 else:
                     p_out = p_buf[:numel].view(size) if p_buf is not None else s
-                    p, alpha, w = softmax_step_eager(s, p_out, *state, ks)
+                    p, alpha, w = eager_step(s, p_out, *state, ks)
                 a4, w4 = alpha.unsqueeze(-1), w.unsqueeze(-1)
                 if want_out:
                     vb = v[:, :, ks:ke].to(f32)

@@ -122,3 +122,19 @@ def test_without_a_working_compiler_it_warns_once_and_runs_eager(monkeypatch, tm
     eager = attention_with_stats(q, k, v, scale, outputs=ALL_OUTPUTS[:-1], backend="torch", **kw)
     for field, x in vars(first).items():
         assert (x is None and getattr(eager, field) is None) or torch.equal(x, getattr(eager, field)), field
+
+
+@pytest.mark.slow  # torch.compile builds the step on first use (minutes on a loaded 2-core machine)
+def test_torch_compiled_eager_step_equals_the_cpp_tile_and_dense(monkeypatch):
+    """The alternative the CPU tile benchmark measures (reference.CPU_STEP = "compile": torch.compile of
+    softmax_step_eager) computes what the C++ tile and the dense float64 reference compute."""
+    q, k, v, scale, kw = make_case(seed=3, B=2, H=4, Hkv=2, Nq=37, Nk=230, d=16, causal=True, pad=True, window=70,
+                                   num_groups=3)
+    outputs = ALL_OUTPUTS[:-1]
+    cpp = attention_with_stats(q, k, v, scale, backend="torch", outputs=outputs, block_q=8, block_k=64, **kw)
+    monkeypatch.setattr(reference, "CPU_STEP", "compile")
+    compiled = attention_with_stats(q, k, v, scale, backend="torch", outputs=outputs, block_q=8, block_k=64, **kw)
+    assert torch.equal(compiled.top1_index, cpp.top1_index)
+    for field in ("out", "lse", "group_mass", "top1_weight", "entropy"):
+        assert_close(getattr(compiled, field), getattr(cpp, field), 2e-6, field)
+    check_stats(compiled, dense(q, k, v, scale, **kw), groups=True)

@@ -1,0 +1,70 @@
+"""Models split over devices (accelerate's ``device_map``): where a module runs, and its weights.
+
+``from_pretrained(..., device_map=...)`` dispatches a model with accelerate: each block runs on
+its own device, and offloaded blocks keep their weights on the ``meta`` device between calls
+(loaded from CPU RAM or disk by an ``AlignDevicesHook`` at forward time). headscope therefore
+builds every tensor on the device of the tensor it meets (q, z, logits) and reads weights
+through :func:`weight`, never through ``module.weight`` directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from headscope.errors import HeadscopeError
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device a module computes on: its accelerate hook's execution device, else its weights'."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """A parameter's values, also when accelerate offloaded it (then read from the offload map)."""
+    value = getattr(module, name)
+    if value.device.type != "meta":
+        return value.detach()
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    if weights_map is None:
+        raise HeadscopeError(f"{type(module).__name__}.{name} is on the meta device with no offload map to read it "
+                             "from; load the model with device_map=... (accelerate) or without meta tensors")
+    return weights_map[name].detach().to(execution_device(module))
+
+
+def parse_device_map(text: str | None):
+    """The CLI's ``--device-map``: "auto" / "balanced" / "sequential", or JSON ``{"module": device}``."""
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise HeadscopeError(f"--device-map must be auto, balanced, balanced_low_0, sequential or a JSON object "
+                             f"like '{{\"model.layers.0\": 0, \"model.layers.1\": 1}}'; got {text!r}")
+    return mapping
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """The CLI's ``--max-memory``: ``0=20GiB,1=20GiB,cpu=64GiB`` -> {0: "20GiB", 1: "20GiB", "cpu": "64GiB"}."""
+    if not text:
+        return None
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise HeadscopeError(f"--max-memory takes DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB; "
+                                 f"got {text!r}")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out

@@ -1,0 +1,37 @@
+"""Files written whole: the one atomic writer (a temp file in the target folder, then a rename), so
+a reader never sees half a file and a failed write leaves the old file and no temp file behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_whole(path, content) -> Path:
+    """Write ``content`` to ``path`` whole (temp file + rename), mode from the umask; no temp file
+    is left behind if the write fails. ``content``: the text, or a function that writes the file
+    at the path it is given (binary formats, e.g. safetensors' ``save_file``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if not callable(content):
+                handle.write(content)
+        if callable(content):
+            content(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

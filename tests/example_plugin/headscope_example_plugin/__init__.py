@@ -1,0 +1,1 @@
+"""An example third-party headscope extension (tests/test_registries.py)."""
