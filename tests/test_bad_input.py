@@ -211,6 +211,9 @@ CASES = [
     ("vhr-per-input-text-model", [*GEN, "--vhr", "per-input"], 2, "needs a vision-language model", False),
     ("var-text-model", [*GEN, "--var"], 2, "needs a vision-language model", False),
     ("var-p-nan", [*GEN, "--var", "--var-p", "nan"], 2, "finite", True),
+    ("var-rule-unknown", [*GEN, "--var", "--var-rule", "bos"], 2, "invalid choice", True),
+    ("var-rule-without-var", [*GEN, "--var-rule", "first-token"], 2, "--var-rule needs --var", True),
+    ("var-tau-nan", [*GEN, "--var", "--var-tau", "nan"], 2, "finite", True),
     ("image-missing", [*GEN, "--image", "{tmp}/nope.png"], 2, "does not exist", True),
     ("image-corrupt", [*GEN, "--image", "{utf8}"], 2, "cannot read image", True),
     # ---- in-context learning: eval --task icl, inject fit, --inject
