@@ -77,8 +77,9 @@ def check(edit) -> None:
     if edit.heads:
         raise HeadscopeError("per-input VHR chooses its heads from each input's VHD; give no heads (for fixed heads "
                              "use Edit('scale', heads, strength=alpha))")
-    if isinstance(edit.strength, (list, torch.Tensor)) or float(edit.strength) == 0:
-        raise HeadscopeError(f"VHR's alpha (strength) must be one finite non-zero number; got {edit.strength!r}")
+    if isinstance(edit.strength, (list, torch.Tensor)):
+        raise HeadscopeError(f"VHR's alpha (strength) must be one number; got {edit.strength!r}")
+    check_alpha(float(edit.strength))  # finite, non-zero: the --alpha rule of VHR's fixed-head variant too
     if edit.positions != "all" or edit.scope != "both":
         raise HeadscopeError("VHR scales its heads at every position of prefill and decode; leave positions='all', "
                              "scope='both'")
