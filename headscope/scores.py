@@ -25,6 +25,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES, format_heads, parse_heads
 from headscope.io import write_whole
 from headscope.plots import Figure
+from headscope.published import published_format, read_grid
 from headscope.validate import check_output, read_json, read_text
 
 Head = tuple[int, int]
@@ -105,7 +106,10 @@ class HeadScores:
 
         ``grid`` = (layers, heads) of the model the ranking is for: needed when the CSV has no
         sidecar (the grid is never guessed from the largest indices), checked against it otherwise.
+        A DuoAttention / Retrieval_Head / QRHead file (:mod:`headscope.published`) reads as well.
         """
+        if published_format(path):
+            return cls(*read_grid(path, grid))
         rows, meta = read_ranking(path)
         shape = meta.get("shape")
         if grid is not None:
@@ -199,6 +203,9 @@ def read_ranking(path) -> tuple[list[tuple[int, int, float]], dict]:
     csv_sha256 (written by :meth:`HeadScores.to_csv`) matches the CSV.
     """
     path = Path(path)
+    if published_format(path):  # DuoAttention / Retrieval_Head / QRHead files (headscope.published)
+        scores = read_grid(path)[0]
+        return [(l, h, float(scores[l, h])) for l in range(scores.shape[0]) for h in range(scores.shape[1])], {}
     text = read_text(path, "ranking file")
     lines = text.splitlines()
     reader = csv.reader(lines)

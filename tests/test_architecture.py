@@ -27,6 +27,7 @@ LAZY_FOR_IMPORT_TIME = {
 # one floor are siblings and do not import each other.
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("headscope.errors", "headscope.io", "headscope.controls", "headscope.heads", "headscope.organisms", "headscope.progress",
+              "headscope.published",
               "headscope.validate", "headscope.data", "headscope.plots", "headscope.remote", "headscope_kernels")},
     {"hf / results": ("headscope.hf", "headscope.scores"),
      # the two registries import only errors: sharding (below the analyzers) looks up joins in one
@@ -36,7 +37,7 @@ FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"sharding": ("headscope.sharding",)},
     {"analyzers": ("headscope.analyzers",)},
     {"interventions": ("headscope.interventions",)},  # edits take HeadScores and analyzers' selections
-    {"methods": ("headscope.methods", "headscope.interop")},
+    {"methods": ("headscope.methods", "headscope.interop", "headscope.formats")},  # formats: exchange files, as interop
     {"zoo": ("headscope.zoo",)},
     {"cli": ("headscope.cli",)},
     {"public face": ("headscope",)},
@@ -201,3 +202,19 @@ def test_layering(capsys):
         for source, target in bad:
             print(f"  {source} -> {target}")
     assert not bad, f"imports against the layering: {bad}"
+
+
+def test_only_the_hf_layer_reaches_into_transformers_and_accelerate_internals():
+    """Submodules of transformers / accelerate (internals such as cache_utils, modeling_utils,
+    big_modeling) are imported in headscope/hf/ only; elsewhere only their top-level public names
+    (model classes and configs for the organism trainers, the logging switch for the CLI)."""
+    allowed_elsewhere = {"transformers", "transformers.utils", "accelerate"}
+    bad = []
+    for name, path in modules().items():
+        if name.startswith("headscope.hf") or not name.startswith("headscope"):
+            continue
+        for target, _, line in imports(name, path, modules()):
+            root = target.split(".")[0]
+            if root in ("transformers", "accelerate") and target not in allowed_elsewhere:
+                bad.append(f"{name}:{line} imports {target}")
+    assert not bad, "transformers / accelerate internals outside headscope/hf/:\n" + "\n".join(bad)

@@ -32,6 +32,7 @@ import torch
 from headscope.progress import tqdm
 
 from headscope.errors import HeadscopeError
+from headscope.hf.inputs import pad_id
 from headscope.model import HeadModel
 from headscope.plots import Figure
 from headscope.scores import HeadScores
@@ -50,14 +51,6 @@ def _batches(trials: Sequence[NeedleTrial], batch_size: int) -> list[list[int]]:
     for i, trial in enumerate(trials):
         by_length[len(trial.prompt_ids)].append(i)
     return [idx[s : s + batch_size] for idx in by_length.values() for s in range(0, len(idx), batch_size)]
-
-
-def _pad_id(hm: HeadModel) -> int:
-    tok = hm.tokenizer
-    for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _stop_ids(hm: HeadModel) -> set[int]:
@@ -218,7 +211,7 @@ def retrieval_heads(
     if variant == "decode" and hm.tokenizer is None:
         raise HeadscopeError("the decode variant needs the model's tokenizer (its trial filter compares texts)")
     score_batch = _score_teacher_forced if variant == "teacher-forced" else _score_decode
-    pad = _pad_id(hm)
+    pad = pad_id(hm.tokenizer)
     plan = _batches(trials, batch_size)
     runs = []  # (batch number, trial, [layers, heads] or None where the model answered wrong), in run order
     for k, idx in enumerate(tqdm(plan, desc=f"retrieval ({variant})", disable=not progress)):
@@ -267,7 +260,7 @@ def needle_accuracy(
     """Greedy-decode every trial; one row per trial: length, depth, needle, correct, output."""
     if hm.tokenizer is None:
         raise HeadscopeError("needle accuracy needs the model's tokenizer to decode answers")
-    pad = _pad_id(hm)
+    pad = pad_id(hm.tokenizer)
     rows = []
     for idx in tqdm(_batches(trials, batch_size), desc="needle accuracy", disable=not progress):
         batch = [trials[i] for i in idx]

@@ -55,10 +55,8 @@ def ablate_rows(hm: HeadModel, rows: Sequence[Sequence[Head]], eps: float = 1e-4
     if ablation not in ABLATIONS:
         raise HeadscopeError(f"unknown Ships ablation {ablation!r}; choose 'query' (scale q) or 'output' (scale z)")
     g = hm.geometry
-    scale = torch.ones(len(rows), g.n_layers, g.n_heads)
-    for i, heads in enumerate(rows):
-        for layer, head in hm.check_heads(heads):
-            scale[i, layer, head] = eps
+    hit = torch.stack([head_masks(hm.check_heads(heads), g.n_layers, g.n_heads) for heads in rows])
+    scale = torch.where(hit, eps, 1.0)
     layers = sorted({layer for heads in rows for layer, _ in heads})
     with contextlib.ExitStack() as stack:
         if ablation == "query":

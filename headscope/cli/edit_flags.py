@@ -15,6 +15,8 @@ by the kind (its options dataclass, its strength rule) before the model loads. E
     --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho,
                           --var-tau, --var-rule, ...)
     --inject FILE         soft injection (Park & Rhee 2025): a task embedding from `headscope inject fit`
+    --kv-compress RANKING head-wise KV-cache compression (DuoAttention / HeadKV; --full-share, --sink, --recent, ...)
+      --random-heads      ... with random full KV heads (eval: --draws N --seed S)
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             add_option(parser, f"{name}-{field.name.replace('_', '-')}", field, f"with {name}")
         if flag.arguments is not None:
             flag.arguments(parser)
+    random_flags = [f"--{flag.name}" for _, flag in flags() if flag.random]
+    if random_flags and not _has(parser, "--random-heads"):
+        parser.add_argument("--random-heads", action="store_true",
+                            help=f"with {' / '.join(random_flags)}: random heads instead, the same count per layer "
+                                 "(the control; eval: --draws N --seed S)")
     if heads_flags() and not _has(parser, "--top"):
         add_heads_arguments(parser)
 
@@ -93,13 +100,15 @@ def check(args) -> None:
     """Every edit flag's values and input files, validated before the model loads."""
     if getattr(args, "edits", None):
         load_edits(args.edits)
-    for kind, flag in given(args, ("switch", "file", "heads")):
-        probe(kind, flag, args)
+    chosen = given(args, ("switch", "file", "heads"))
+    for kind, flag in chosen:
+        if flag.probe:
+            probe(kind, flag, args)
         if flag.check is not None:
             flag.check(args)
-    if getattr(args, "random_heads", False) and not getattr(args, "vhr", None):
-        raise HeadscopeError("--random-heads needs --vhr per-input or --vhr CSV (it draws as many heads per layer as "
-                             "VHR selects)")
+    if getattr(args, "random_heads", False) and not any(flag.random for _, flag in chosen):
+        names = " or ".join(f"--{flag.name} {flag.metavar or ''}".strip() for _, flag in flags() if flag.random)
+        raise HeadscopeError(f"--random-heads needs {names} (it draws as many heads per layer as they select)")
     for kind, flag in flags():  # an option flag changed from its default without its flag
         if getattr(args, flag.dest, None) in (None, False):
             for f in kind.cli_options(flag):
@@ -130,6 +139,11 @@ def describe(args, name: str) -> tuple[str, list[str]]:
     """How a heads flag is announced: (verb, details), e.g. ("ablating", ["zero"])."""
     flag = heads_flag(name)
     return flag.describe(args) if flag.describe else (f"{name} edit", [])
+
+
+def report(args) -> list[str]:
+    """The lines the given flags add before eval's metric (e.g. --kv-compress: the cache's bytes)."""
+    return [line for _, flag in given(args) if flag.report is not None for line in flag.report(args)]
 
 
 def is_random(args) -> bool:

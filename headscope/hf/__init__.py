@@ -6,5 +6,6 @@
   torch SDPA calls for families that make them);
 - :mod:`~headscope.hf.loading`: the auto class, device_map / offload, tokenizer and processor;
 - :mod:`~headscope.hf.inputs`: image-token id, left-padded position ids, the pad id;
-- :mod:`~headscope.hf.devices`: where a module runs and its (possibly offloaded) weights.
+- :mod:`~headscope.hf.devices`: where a module runs and its (possibly offloaded) weights;
+- :mod:`~headscope.hf.cache`: the KV-cache classes the cache-compression edit builds on.
 """

@@ -57,7 +57,7 @@ import torch
 
 from headscope import remote
 from headscope.errors import HeadscopeError
-from headscope.heads import as_heads
+from headscope.heads import as_heads, head_masks
 from headscope.interventions import registry
 from headscope.io import write_whole
 from headscope.scores import HeadScores
@@ -325,9 +325,9 @@ def _head_weights(edit: Edit, layer: int, n_heads: int, device, dtype) -> torch.
 
 
 def _head_hits(edit: Edit, layer: int, n_heads: int, device, dtype) -> torch.Tensor:
-    hit = torch.zeros(n_heads, device=device, dtype=dtype)
-    hit[[h for l, h in edit.heads if l == layer]] = 1
-    return hit
+    """[H] 1.0 on this layer's heads of the edit, else 0."""
+    mask = head_masks([(0, h) for l, h in edit.heads if l == layer], 1, n_heads)[0]
+    return mask.to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,10 @@ class CliFlag:
     ``arguments(parser)``: further flags. ``check(args)``: read its files before the model loads.
     ``build(args, hm, rng, heads)`` -> edits (``heads``: the --top / --heads choice, for "heads").
     ``describe(args)`` -> (verb, details): how the commands announce a "heads" flag.
+    ``probe``: whether the values are checked by building an edit of no heads before the model loads
+    (False for kinds whose edits need the model, e.g. kv_compress's KV heads: ``check`` does it).
+    ``random``: the flag honours ``--random-heads`` (a random-heads control of the same size).
+    ``report(args)`` -> lines ``headscope eval`` prints before the metric (e.g. the KV cache's bytes).
     """
 
     name: str
@@ -56,6 +60,9 @@ class CliFlag:
     check: Callable | None = None
     metavar: str | None = None
     describe: Callable | None = None
+    probe: bool = True
+    random: bool = False
+    report: Callable | None = None
 
     @property
     def dest(self) -> str:

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.hf.inputs import left_padded_positions
 from headscope.interventions.edits import Edit, intervene
 
 Head = tuple[int, int]
@@ -107,7 +108,7 @@ def decore_generate(
     model = hm.model
 
     def forward(tokens, attn, cache, masked: bool):
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]
+        position_ids = left_padded_positions(attn)[:, -tokens.shape[1]:]
         with _masked(hm, masking if masked else []):
             out = model(input_ids=tokens, attention_mask=attn, position_ids=position_ids,
                         cache=cache, use_cache=True)

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.errors import HeadscopeError
+from headscope.hf.inputs import left_padded_positions
 from headscope.interventions.edits import Edit, intervene
 from headscope.interventions.kinds.inject import TaskEmbedding
 from headscope.model import HeadModel
@@ -43,7 +44,7 @@ __all__ = ["TaskEmbedding", "accuracy", "task_embedding", "fit_soft_selection", 
 def _forward(hm, batch: Batch) -> torch.Tensor:
     """Logits at the last position [B, V] of a left-padded batch (positions count real tokens)."""
     batch = batch.to(hm.device)
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    position_ids = left_padded_positions(batch.attention_mask)
     out = hm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                    logits_to_keep=1)
     return out.logits[:, -1].float()

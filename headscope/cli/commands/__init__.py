@@ -5,7 +5,7 @@ True`` it takes ``--task`` (and the options every task has) and its run is ``run
 """
 
 # isort: off
-from headscope.cli.commands import score, eval, models, overlap, generate, inject, merge  # noqa: F401
+from headscope.cli.commands import score, eval, models, overlap, generate, inject, merge, export  # noqa: F401
 # isort: on
 
-COMMANDS = [score, eval, models, overlap, generate, inject, merge]
+COMMANDS = [score, eval, models, overlap, generate, inject, merge, export]

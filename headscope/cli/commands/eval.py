@@ -1,5 +1,5 @@
 """``headscope eval --task NAME``: the task metric, optionally under edits (--ablate, --scale, --vhr,
---var, --inject, --edits: every edit kind's flags, headscope.cli.edit_flags), under DeCoRe decoding
+--var, --inject, --kv-compress, --edits: every edit kind's flags, headscope.cli.edit_flags), under DeCoRe decoding
 (--decore, a method that owns the decoding loop), or with random heads (--random K, --random-heads).
 The metric is the last line printed (``accuracy: 0.93``)."""
 
@@ -104,6 +104,8 @@ def run(args, task) -> int:
         result = _print_control(random_control(draw, args.draws, args.seed, _print_draw))
     else:
         result = metrics([])
+    for line in edit_flags.report(args):  # e.g. --kv-compress: the cache's bytes, before the metric
+        print(line)
     for name, value in result.items():
         print(f"{name}: {value:.3f}")
     return 0
@@ -116,7 +118,7 @@ def _print_draw(i: int, result: dict) -> None:
 def _print_control(control) -> dict[str, float]:
     """Print a random control's mean and 95 % bootstrap interval per metric; return the means."""
     note = "" if control.n >= MIN_DRAWS else f" (fewer than {MIN_DRAWS} draws: no claim against chance)"
-    print(f"random control, {control.n} draws (seed {control.seed}), mean [95% bootstrap interval]{note}: "
+    print(f"random control, {control.n} draws (seed {control.seed}), mean [95 % bootstrap interval]{note}: "
           + ", ".join(f"{k} {control.cell(k)}" for k in control.mean))
     return control.mean
 

@@ -23,6 +23,7 @@ from headscope.cli import edit_flags
 from headscope.cli.common import add_device_arguments, check_edit_heads, edit_heads, edit_mode, load_model
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
+from headscope.hf.inputs import pad_id
 from headscope.interventions import intervene
 from headscope.methods.decore import decore_generate
 from headscope.validate import positive_int
@@ -65,7 +66,7 @@ def run(args) -> int:
     flagged = edit_flags.build_edits(args, hm)
     heads = edit_heads(args, hm, mode)[0] if mode != "none" else []
     tok = hm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     torch.manual_seed(args.seed)
     if mode == "decore":  # a method with its own decoding loop
         if flagged or args.image is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from headscope.cli.common import load_model
+from headscope.formats import provenance_of_run
 from headscope.errors import HeadscopeError
 from headscope.heads import format_head
 from headscope.sharding import Part, Shard, write_part
@@ -31,6 +32,8 @@ def run(args, task) -> int:
         raise HeadscopeError("--shard I/N writes its part to --out PATH; give one path per shard")
     hm = load_model(args)
     scores = task.score(args, hm)
+    if args.out:  # what the scores were computed with (read by `headscope export`); each shard records the same
+        scores.params.setdefault("provenance", provenance_of_run(hm, args))
     if args.shard is not None:
         if not isinstance(scores, Part):
             raise HeadscopeError(f"{scores.method} does not run sharded; --shard applies to Ships, generalized Ships, "
@@ -39,7 +42,7 @@ def run(args, task) -> int:
         print(f"wrote part {args.shard} of {scores.method} to {args.out}; join all parts with `headscope merge`")
         return 0
     frame = scores.to_frame()
-    details = ", ".join(f"{k}={v}" for k, v in scores.params.items())
+    details = ", ".join(f"{k}={v}" for k, v in scores.params.items() if k != "provenance")
     print(f"{hm}\n{scores.method} scores ({details})")
     shown = frame.dropna(subset=["score"]).head(args.show)  # unscored heads (NaN) are not ranked
     shown = shown.assign(head=[format_head(h) for h in zip(shown["layer"], shown["head"])]).drop(columns="layer")

@@ -18,6 +18,7 @@ from headscope.analyzers.retrieval import retrieval_heads
 from headscope.cli.registry import register_task
 from headscope.cli.tasks.needle import add_retrieval_arguments, retrieval_options
 from headscope.errors import HeadscopeError
+from headscope.hf.inputs import pad_id
 from headscope.methods.decore import decore_generate
 from headscope.progress import tqdm
 from headscope.tasks.context_conflict import ContextConflictTask, make_world
@@ -61,7 +62,7 @@ def _by_length(items):
 def first_tokens(hm, items, batch_size: int = 8, decore_heads=None, decore_alpha=None, progress=False) -> list[int]:
     """The first token each prompt is answered with: greedy generate(), or DeCoRe with ``decore_heads``."""
     out = [0] * len(items)
-    pad = hm.tokenizer.pad_token_id or 0
+    pad = pad_id(hm.tokenizer)
     chunks = [g[s : s + batch_size] for g in _by_length(items) for s in range(0, len(g), batch_size)]
     for idx in tqdm(chunks, desc="context-conflict", disable=not progress):
         ids = torch.tensor([items[i].prompt_ids for i in idx], device=hm.device)

@@ -168,8 +168,6 @@ def per_layer_count_heads(layers, n_heads: int) -> list:
 def _arguments(parser) -> None:
     parser.add_argument("--vhr-layers", type=number_list(int), default=None,
                         help="with --vhr: comma-separated layers (default: the CSV's, or the last 14/32 per input)")
-    parser.add_argument("--random-heads", action="store_true",
-                        help="with --vhr: random heads instead, the same count per layer (control; eval: --draws)")
 
 
 def _check(args) -> None:
@@ -214,5 +212,5 @@ KIND = registry.register(registry.EditKind(
         "vhr", "VHR (He et al. 2025): multiply by --alpha the z of the heads above their layer's median VHD; "
         "'per-input': VHD of each input at prefill, heads reused at every step (the paper's rule); a VHD ranking "
         "CSV: heads fixed once from that probe set (a variant)", _build, takes="file", metavar="per-input|CSV",
-        strength="alpha", arguments=_arguments, check=_check),),
+        strength="alpha", arguments=_arguments, check=_check, random=True),),
 ))
