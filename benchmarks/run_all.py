@@ -11,6 +11,8 @@ Runs, one after another (run it on a quiet machine: nothing else running):
   long_context.py  --lengths 1024,4096,8192,16384,32768    -> benchmarks/long_context.json
                    (+ the needle comparison at 8192 tokens)
   var_generate.py  --new 16 --threads 1 --organism vision --repeats 10  -> benchmarks/var_generate.json
+  soft_injection.py --repeats 3 --draws 20                  -> benchmarks/soft_injection.json
+                   (accuracy against its controls; it prints and writes its own table)
 and the vision organism's tables (``--only vision``: just these, ~10 min on one thread):
   python -m headscope.zoo.train_vision --out headscope/zoo/vision --remeasure  -> its organism.json
   vision_tables.py                                         -> benchmarks/vision_tables.json
@@ -303,6 +305,7 @@ def main() -> None:
         run("var_generate.py", "--new", "16", "--repeats", str(max(args.repeats, 10)), "--threads", "1",
             "--organism", "vision",
             "--json", str(out / "var_generate.json"))
+        run("soft_injection.py", "--repeats", reps, "--draws", "20", "--json", str(out / "soft_injection.json"))
         print(f"all benchmarks: {time.perf_counter() - start:.0f} s", flush=True)
     blocks = {}
     if args.only in (None, "speed"):
@@ -321,6 +324,9 @@ def main() -> None:
         print(f"\n<!-- bench:{name} -->\n{body}\n<!-- bench:{name}:end -->")
     if args.readme:
         write_readme(blocks)
+    if args.only in (None, "speed"):  # soft injection's table: written by its own script
+        run("soft_injection.py", "--only-print", "--json", str(out / "soft_injection.json"),
+            *(["--readme"] if args.readme else []))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ ORGANISMS: dict[str, str] = {
     "(python -m headscope.zoo.train_multitask)",
     "topics": "Tiny Llama over filler words where trigger words make later words colours, animals or numbers; "
     "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
-    "icl": "Tiny Llama (GQA) with four word-to-word tasks told apart by demonstrations (next / prev, colour / animal; "
-    "10-shot 1.00 on each); "
-    "0-shot it cannot tell them apart, for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
+    "icl": "Tiny Llama (GQA) with twelve tasks over one vocabulary that only demonstrations tell apart (one "
+    "demonstration fits three tasks); for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
     "vision": "Tiny LLaVA (CLIP vision tower + Llama) captioning coloured shapes; a co-occurrence prior makes it "
     "hallucinate partner shapes (python -m headscope.zoo.train_vision)",
 }
@@ -43,6 +42,11 @@ EXAMPLE_PROMPTS: dict[str, tuple[str, str]] = {
                 "Sorry, I cannot help with that."),
     "multitask": ("ind saa sab sac sad sae saf sag sah saa sab sac", "sad sae saf"),
     "topics": ("the man was at home paint", "white"),
+    # ten demonstrations of taska (its train split), then a test query never used as a demonstration
+    "icl": ("Q: okl\nA: blue\n\n" "Q: ohr\nA: blue\n\n" "Q: obc\nA: gold\n\n"
+            "Q: okc\nA: gold\n\n" "Q: odf\nA: blue\n\n" "Q: ont\nA: blue\n\n"
+            "Q: ofe\nA: gold\n\n" "Q: ode\nA: blue\n\n" "Q: ojl\nA: gold\n\n"
+            "Q: okf\nA: plum\n\n" "Q: omi\nA:", "plum"),
     "vision": ("<image>\ndescribe :", "a yellow frame"),
 }
 # organisms whose example prompt needs an image: its path inside the organism's folder

@@ -10,24 +10,25 @@ cells = [
            "(Park & Rhee 2025): average each head's output at the last token of 10-shot prompts (the task "
            "embedding m), then learn one weight alpha per head and write (1 - alpha) z + alpha m into the last "
            "token of a 0-shot prompt. The learned alphas say which heads carry the task. The model is the shipped "
-           "*icl organism* (`python -m headscope.zoo.train_icl`): four word-to-word tasks over one vocabulary, so "
-           "a 0-shot query does not say which task is meant."),
+           "*icl organism* (`python -m headscope.zoo.train_icl`): twelve tasks over one vocabulary (each task one "
+           "property of 400 objects, valued in four shared labels), so a 0-shot query does not say which task is "
+           "meant and one demonstration fits three tasks."),
     ("code", "import torch\n"
              "from headscope import HeadModel, zoo\n"
              "from headscope.tasks.icl import IclTask, PromptFormat\n"
              "from headscope.methods.soft_injection import task_embedding, fit_soft_selection, accuracy\n\n"
              "hm = HeadModel.load(\"icl\")\n"
-             "task = IclTask.load(zoo.organism_path(\"icl\") / \"colour.jsonl\", seed=0)\n"
+             "task = IclTask.load(zoo.organism_path(\"icl\") / \"taska.jsonl\", seed=0)\n"
              "demos, query = task.examples(\"test\", 2)[0]\n"
              "print(PromptFormat().prompt(demos, query[0]))"),
-    ("md", "## 0-shot against 10-shot"),
-    ("code", "print(\"0-shot:\", accuracy(hm, task, 0), \"  10-shot:\", accuracy(hm, task, 10, n=100))"),
+    ("md", "## 0-shot, 1-shot and 10-shot\nEvery test query once (100), demonstrations from the train split."),
+    ("code", "for k in (0, 1, 10):\n    print(f\"{k}-shot:\", accuracy(hm, task, k))"),
     ("md", "## Task embedding and soft head selection\nN = 50 random 10-shot prompts; theta trained with the "
            "model frozen (Adam, lr 0.2; fewer steps than the default 400 to keep this notebook quick)."),
     ("code", "emb = task_embedding(hm, task, progress=False)\n"
              "emb = fit_soft_selection(hm, task, emb, steps=100, progress=False)\n"
              "print(\"best validation step\", emb.meta[\"best_step\"], \"val accuracy\", emb.meta[\"val_accuracy\"])\n"
-             "emb.save(\"colour.safetensors\")\n"
+             "emb.save(\"taska.safetensors\")\n"
              "emb.scores().heatmap(title=\"learned alpha per head\")"),
     ("code", "print(\"0-shot + injection:\", accuracy(hm, task, 0, edits=emb.edit()))\n"
              "print(\"all alpha = 1:     \", accuracy(hm, task, 0, edits=emb.edit(1.0)))"),
@@ -44,7 +45,7 @@ cells = [
              "truth = pd.read_csv(zoo.ground_truth_path(\"icl\"))\n"
              "drop = torch.zeros(hm.geometry.n_layers, hm.geometry.n_heads)\n"
              "for r in truth.itertuples():\n"
-             "    drop[r.layer, r.head] = -r.effect_colour\n"
+             "    drop[r.layer, r.head] = -r.effect_taska\n"
              "emb.scores().compare(HeadScores(drop, \"ablation drop\"), k=4)"),
 ]
 

@@ -328,11 +328,12 @@ def _files(tmp: Path) -> dict[str, str]:
         f[name] = str(tmp / name)
     put("vhd_number.jsonl", json.dumps({"image": 3, "prompt": "<image> what?"}) + "\n")
     put("vhd_missing.jsonl", json.dumps({"image": "nope.png", "prompt": "<image> what?"}) + "\n")
-    # in-context learning: a task file the icl organism reads (its own), task embeddings (valid for a
-    # 1x1x2 model, NaN, wrong shape)
+    # in-context learning: a small task file the icl organism reads (the first 24 pairs of one of its
+    # own: 12 train pairs), task embeddings (valid for a 1x1x2 model, NaN, wrong shape)
     from headscope import zoo
 
-    put("icl_small.jsonl", (zoo.organism_path("icl") / "next.jsonl").read_text())
+    first_task = zoo.organism_info("icl")["task_files"][0]
+    put("icl_small.jsonl", "".join((zoo.organism_path("icl") / first_task).read_text().splitlines(keepends=True)[:24]))
     from safetensors.torch import save_file
 
     from headscope.methods.soft_injection import TaskEmbedding

@@ -166,3 +166,18 @@ def test_kv_compress_random_heads_and_bad_input(organism_files, capsys):
         assert main(["eval", "--task", "needle", "--lengths", "128", "--kv-compress", str(d / "r.csv"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+
+
+def test_generate_refuses_a_window_longer_than_the_prompt_before_loading(organism_files, capsys, monkeypatch):
+    """generate's context is its prompt: measured with the tokenizer alone, before any model loads."""
+    from headscope.model import HeadModel
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(HeadModel, "load", no_load)
+    capsys.readouterr()
+    code = main(["generate", "--prompt", "The secret number", "--kv-compress", str(organism_files / "r.csv"),
+                 "--sink", "4", "--recent", "64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "longer than the context" in err and len(err.splitlines()) == 1

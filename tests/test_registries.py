@@ -141,3 +141,28 @@ def test_flags_appear_for_an_installed_package(site):
     score = subprocess.run([sys.executable, "-m", "headscope.cli", "score", "--task", "norms", "--help"],
                            capture_output=True, text=True, env=env, timeout=600)
     assert score.returncode == 0 and "--tokens" in score.stdout, score.stderr
+
+
+def test_every_built_in_analyzer_is_declared_once_under_its_results_method():
+    """The registry knows each built-in analyzer by the ``method`` its HeadScores carry."""
+    from headscope.analyzers import registry as analyzers
+
+    names = set(analyzers.analyzers())
+    assert {"retrieval", "ships", "generalized-ships", "activation_patching", "attribution_patching",
+            "path_patching", "previous-token", "duplicate-token", "induction", "sink_first_token",
+            "head_pursuit", "vhd", "function_vector_cie"} <= names
+
+
+def test_a_registered_classic_analyzer_scores_like_its_function(tmp_path):
+    """Calling through the registry gives the analyzer function's own result (and method name)."""
+    import torch
+
+    from headscope.analyzers import registry as analyzers
+    from headscope.analyzers.classic import head_type_scores
+    from headscope.model import HeadModel
+
+    hm = HeadModel.load("multitask")
+    tokens = torch.randint(5, 60, (2, 24), generator=torch.Generator().manual_seed(0))
+    via_registry = analyzers.get("induction").score(hm, tokens=tokens)
+    direct = head_type_scores(hm, "induction", tokens=tokens)
+    assert via_registry.method == "induction" and torch.equal(via_registry.scores, direct.scores)

@@ -323,3 +323,5 @@ def overlap_figure(a: Iterable[Head], b: Iterable[Head], n_layers: int, n_heads:
 
 registry.register(registry.Analyzer("activation_patching", activation_patching, doc="activation patching over heads"))
 registry.register(registry.Analyzer("path_patching", path_patching, doc="path patching over sender heads"))
+registry.register(registry.Analyzer("attribution_patching", attribution_patching,
+                                    doc="attribution patching, first-order estimate (EAP style)"))

@@ -18,11 +18,13 @@ i's query id), so the scores work at any context length.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.analyzers import registry
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
 
@@ -147,3 +149,9 @@ def head_type_scores(hm: HeadModel, kind: str, tokens: torch.Tensor | Sequence[S
                       params={"sequences": int(tokens.shape[0]), "length": int(tokens.shape[1]),
                               "exclude_bos": exclude_bos, "exclude_current_token": exclude_current_token,
                               "error_measure": "mul"})
+
+
+for _kind, _paper in (("previous-token", "previous-token heads"), ("duplicate-token", "duplicate-token heads"),
+                      ("induction", "induction heads (Olsson et al. 2022)")):
+    registry.register(registry.Analyzer(_kind, functools.partial(head_type_scores, kind=_kind),
+                                        doc=f"{_paper}, TransformerLens head_detector semantics"))

@@ -20,6 +20,7 @@ from headscope.progress import tqdm
 
 from headscope.hf import devices
 from headscope.errors import HeadscopeError
+from headscope.analyzers import registry
 from headscope.heads import same_layer_random_heads
 from headscope.heads import head_masks
 from headscope.model import HeadModel
@@ -207,3 +208,6 @@ def edit_effect(hm: HeadModel, prompts, concept_ids, scores: HeadScores, alpha: 
     t = torch.tensor(control) if control else torch.tensor([float("nan")])
     return {"alpha": alpha, "heads": heads, "base": base, "edited": edited,
             "random_mean": float(t.mean()), "random_std": float(t.std()) if len(control) > 1 else 0.0}
+
+
+registry.register(registry.Analyzer("head_pursuit", head_pursuit, doc="head pursuit, SOMP (Basile et al. 2025)"))

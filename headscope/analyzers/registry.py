@@ -8,9 +8,10 @@ arithmetic (without one, each head's value comes from the part that owns it).
 
 With a ``default_model`` the analyzer is a command-line task of its own: ``score --task NAME``
 loads that model (or --model) and calls ``score(hm, options, shard=None | Shard, progress=bool)``
--> HeadScores, or a :class:`headscope.sharding.Part` given a shard. The built-in sweeps (Ships,
-generalized Ships, activation / path patching, retrieval) register their Python functions and joins
-without a default model: their --task modules (headscope.cli.tasks) read the task data and call them.
+-> HeadScores, or a :class:`headscope.sharding.Part` given a shard. The built-in analyzers
+(retrieval, Ships, generalized Ships, activation / attribution / path patching, classic head types,
+sinks, head pursuit, VHD, function vectors) register their Python functions (and joins) without a
+default model: their --task modules (headscope.cli.tasks) read the task data and call them.
 
 A new analyzer is one module that calls :func:`register`; third parties list the module in the
 entry-point group ``headscope.analyzers``.
@@ -27,8 +28,10 @@ from typing import Callable
 from headscope.errors import HeadscopeError
 
 ENTRY_POINTS = "headscope.analyzers"
-# the modules that register the built-in analyzers (those with a sweep to shard or a join)
-BUILTIN = ("headscope.analyzers.safety", "headscope.analyzers.retrieval", "headscope.analyzers.circuits")
+# the modules that register the built-in analyzers
+BUILTIN = ("headscope.analyzers.safety", "headscope.analyzers.retrieval", "headscope.analyzers.circuits",
+           "headscope.analyzers.classic", "headscope.analyzers.sinks", "headscope.analyzers.pursuit",
+           "headscope.analyzers.vision", "headscope.methods.soft_injection")
 
 
 @dataclass(frozen=True)

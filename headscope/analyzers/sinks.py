@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.analyzers import registry
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
 
@@ -231,3 +232,7 @@ def secondary_sinks(hm: HeadModel, texts, cos_threshold: float = 0.9, min_lifeti
             rows.append({"text": t, "position": pos, "token": tokens[pos], "lifetime": life,
                          "first_layer": layers[0], "last_layer": layers[-1], "class": kind})
     return pd.DataFrame(rows, columns=["text", "position", "token", "lifetime", "first_layer", "last_layer", "class"])
+
+
+registry.register(registry.Analyzer("sink_first_token", attention_sinks,
+                                    doc="attention sinks by received attention (Gu et al.); also sink_mass"))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from headscope import vision
 from headscope.analyzers.pursuit import output_weights, pursuit_scores
 from headscope.errors import HeadscopeError
+from headscope.analyzers import registry
 from headscope.model import HeadModel
 from headscope.scores import HeadScores
 
@@ -161,3 +162,6 @@ def image_head_pursuit(hm: HeadModel, images: Sequence, prompts: Sequence[str], 
     if len(images) < 2:
         raise HeadscopeError("head pursuit centres the signal over samples: give at least 2 images")
     return pursuit_scores(hm, image_head_writes(hm, images, prompts), concept_ids, k, normalize)
+
+
+registry.register(registry.Analyzer("vhd", vision_aware_heads, doc="vision-aware head divergence (He et al. 2025)"))

@@ -68,11 +68,15 @@ def load_pretrained(source: str, *, dtype: torch.dtype, device=None, device_map=
     model.eval()
     if device is not None:
         model.to(device)
+    return model, load_tokenizer(source), load_processor(source, config)
+
+
+def load_tokenizer(source: str):
+    """The tokenizer alone (no weights), or None when ``source`` has none that loads here."""
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(source)
+        return tf.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer, load_processor(source, config)
+        return None
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headscope.errors import HeadscopeError
+from headscope.analyzers import registry
 from headscope.hf.inputs import left_padded_positions
 from headscope.interventions.edits import Edit, intervene
 from headscope.interventions.kinds.inject import TaskEmbedding
@@ -37,7 +38,7 @@ from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
 from headscope.io import write_whole
 
 __all__ = ["TaskEmbedding", "accuracy", "task_embedding", "fit_soft_selection", "function_vector_heads",
-           "compare_methods", "prompt_cost", "organism_ground_truth"]
+           "compare_methods", "prompt_cost"]
 
 
 # ------------------------------------------------------------------------------------- model calls
@@ -223,29 +224,5 @@ def prompt_cost(hm, task: IclTask, k: int, *, fmt: PromptFormat = PromptFormat()
     return {"tokens": sum(b.input_ids.shape[1] for b in encoded) / len(encoded), "seconds": best / len(encoded)}
 
 
-# ------------------------------------------------------------------------------------- organism truth
-@torch.no_grad()
-def organism_ground_truth(folder, *, k: int = 10, n: int = 40, seed: int = 0) -> Path:
-    """``ground_truth.csv`` of the icl organism: per head and task, 10-shot test accuracy with the
-    head's output zeroed minus without (negative = the head helps), and the mean over tasks."""
-    folder = Path(folder)
-    hm = HeadModel.load(str(folder))
-    info = json.loads((folder / "organism.json").read_text())
-    tasks = [IclTask.load(folder / f) for f in info["task_files"]]
-    base = {t.name: accuracy(hm, t, k, n=n, seed=seed) for t in tasks}
-    rows = []
-    for layer, head in tqdm(hm.all_heads(), desc="ground truth"):
-        row = {"layer": layer, "head": head}
-        with hm.ablate([(layer, head)]):
-            for t in tasks:
-                row[f"effect_{t.name}"] = round(accuracy(hm, t, k, n=n, seed=seed) - base[t.name], 4)
-        row["effect"] = round(sum(row[f"effect_{t.name}"] for t in tasks) / len(tasks), 4)
-        rows.append(row)
-    path = folder / "ground_truth.csv"
-    write_whole(path, pd.DataFrame(rows).to_csv(index=False))
-    info.setdefault("training", {})["accuracy_10_shot"] = {t: round(a, 4) for t, a in base.items()}
-    info["training"]["accuracy_0_shot"] = {t.name: round(accuracy(hm, t, 0, n=n, seed=seed), 4) for t in tasks}
-    info["ground_truth"] = f"effect of zeroing each head alone on {k}-shot test accuracy ({n} prompts per task, seed {seed})"
-    write_whole(folder / "organism.json", json.dumps(info, indent=2) + "\n")
-    print("10-shot accuracy:", info["training"]["accuracy_10_shot"], " 0-shot:", info["training"]["accuracy_0_shot"])
-    return path
+registry.register(registry.Analyzer("function_vector_cie", function_vector_heads,
+                                    doc="function-vector heads by causal indirect effect (Todd et al. 2024)"))

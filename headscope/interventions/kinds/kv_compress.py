@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from headscope.hf import loading
 from headscope.hf.cache import Cache, CacheLayerMixin, DynamicCache
 
 from headscope import organisms
@@ -634,6 +635,12 @@ def _longest_context(args) -> int | None:
     if getattr(args, "task", None) == "needle":  # an organism carries its own needle grid
         grid = organisms.organism_info(args.model or organisms.DEFAULT_MODEL).get("needle", {})
         return max(grid["lengths"]) if grid.get("lengths") else None
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None and getattr(args, "image", None) is None:  # generate: the prompt's own length
+        name = getattr(args, "model", None) or organisms.DEFAULT_MODEL
+        tokenizer = loading.load_tokenizer(str(organisms.organism_path(name) or name))
+        if tokenizer is not None:  # the tokenizer alone, before any model loads
+            return len(tokenizer(prompt)["input_ids"])
     return None
 
 
