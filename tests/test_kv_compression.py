@@ -150,6 +150,17 @@ def test_duo_composes_with_ablation(llama):
     assert not llama.hooks_installed()
 
 
+def test_another_attention_replacing_edit_is_refused_not_silently_dropped(llama):
+    """Only one edit can produce a layer's attention: with kv_compress, a second (VAR's kind) is an error."""
+    full = torch.tensor([[True, False], [False, False]])
+    ids = torch.randint(3, 128, (1, 20))
+    with torch.no_grad(), kvc.compress(llama, full, sink=2, recent=6), \
+            llama.edit_attention(lambda *args, **kwargs: None):
+        with pytest.raises(HeadscopeError, match="replaces attention"):
+            llama.model(ids)
+    assert not llama.hooks_installed()
+
+
 def test_memory_is_bounded(llama):
     full = torch.tensor([[True, False], [False, False]])
     ids = torch.randint(3, 128, (1, 200))

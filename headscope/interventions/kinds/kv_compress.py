@@ -505,6 +505,9 @@ def compress(hm, full: torch.Tensor | None = None, *, policy: str = "duo", sink:
         if getattr(hm, "_stats", None) is not None:
             raise HeadscopeError("attention statistics read every head's full keys; they cannot run on a compressed "
                                  "KV cache: close kv_compress (or the attention_stats block) first")
+        if len(hm._hooks["attention_edit"]) > 1:  # e.g. VAR: only one edit can produce a layer's attention
+            raise HeadscopeError("kv_compress computes every layer's attention over its own cache; another edit "
+                                 "that replaces attention (VAR) cannot run with it: apply them in separate runs")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(cache, KVCompressedCache):
             if cache is not None and not (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
