@@ -13,6 +13,12 @@ Runs, one after another (run it on a quiet machine: nothing else running):
   var_generate.py  --new 16 --threads 1 --organism vision --repeats 10  -> benchmarks/var_generate.json
   soft_injection.py --repeats 3 --draws 20                  -> benchmarks/soft_injection.json
                    (accuracy against its controls; it prints and writes its own table)
+and the vision organism's tables (``--only vision``: just these, ~10 min on one thread):
+  python -m headscope.zoo.train_vision --out headscope/zoo/vision --remeasure  -> its organism.json
+  vision_tables.py                                         -> benchmarks/vision_tables.json
+  vision_pursuit.py                                        -> benchmarks/vision_pursuit.json
+and the needle ablation against 20 random draws (``--only needle``):
+  needle_control.py                                        -> benchmarks/needle_control.json
 then prints the markdown rows (and with --readme writes them between the README's
 ``<!-- bench:NAME -->`` / ``<!-- bench:NAME:end -->`` markers). The GPU table needs a GPU
 (benchmarks/kernel_gpu.py) and is not rerun here.
@@ -37,9 +43,11 @@ K = {1024: "1K", 2048: "2K", 4096: "4K", 8192: "8K", 16384: "16K", 32768: "32K",
 
 
 def run(script: str, *args: str) -> None:
-    print(f"$ python benchmarks/{script} {' '.join(args)}", flush=True)
+    """``python benchmarks/SCRIPT ARGS``, or ``python -m MODULE ARGS`` for a dotted module name."""
+    command = ["-m", script] if script.startswith("headscope.") else [str(HERE / script)]
+    print(f"$ python {'-m ' + script if command[0] == '-m' else 'benchmarks/' + script} {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(HERE / script), *args], check=True, cwd=HERE.parent,
+    subprocess.run([sys.executable, *command, *args], check=True, cwd=HERE.parent,
                    env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -123,6 +131,134 @@ def var_rows(path: Path) -> str:
     return "\n".join(lines)
 
 
+VISION_COLUMNS = (("chair_i", "CHAIR_i"), ("chair_s", "CHAIR_s"), ("caption_recall", "caption recall"),
+                  ("pope_acc", "POPE acc"), ("pope_f1", "POPE F1"), ("pope_adversarial_f1", "POPE adversarial F1"))
+VISION_ROWS = (("greedy", "greedy"),
+               ("vhr_per_input", "VHR per input (the paper's rule: each input's own VHD heads, x2)"),
+               ("vhr_per_input_no_filter", "VHR per input, no outlier filter"),
+               ("vhr_fixed", "VHR, heads fixed from the 16 probe scenes (variant: {heads})"),
+               ("vhr_fixed_no_filter", "VHR, fixed heads, no outlier filter (variant: {heads})"),
+               ("var_paper", "VAR, the paper's rule (p 0.6, rho 0.5)"),
+               ("var_first_token", "VAR, former first-token rule (not the paper's)"))
+
+
+def vision_rows(path: Path) -> str:
+    """The vision organism's CHAIR / POPE table with the random-head control's intervals."""
+    report = json.loads(path.read_text())
+    rows, control = report["rows"], report["rows"]["random"]
+    lines = ["| decoding | " + " | ".join(label for _, label in VISION_COLUMNS) + " |",
+             "|---|" + "---|" * len(VISION_COLUMNS)]
+    for key, label in VISION_ROWS:
+        r = rows[key]
+        cells = []
+        for metric, _ in VISION_COLUMNS:
+            value = f"{r['metrics'][metric]:.3f}"
+            verdict = rows["verdicts"].get(key, {}).get(metric, "") if key.startswith("vhr") else ""  # head edits only
+            cells.append(f"**{value}**" if verdict in ("beats random", "worse than random") else value)
+        lines.append(f"| {label.format(heads=r.get('heads', ''))} | " + " | ".join(cells) + " |")
+    cells = [f"{control['mean'][m]:.3f} [{control['interval'][m][0]:.3f}, {control['interval'][m][1]:.3f}]"
+             for m, _ in VISION_COLUMNS]
+    lines.append(f"| random heads, {report['per_layer']} per layer in layers "
+                 f"{', '.join(map(str, report['layers']))}, x2 ({control['draws']} draws, mean [95% bootstrap "
+                 f"interval]) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{report['scenes']} held-out partner-absent scenes (seed {report['scene_seed']}); bold: a VHR figure "
+                 f"outside the random heads' interval (the 95% bootstrap interval of their mean). Against random heads:")
+    names = dict(VISION_ROWS)
+    for key in ("vhr_per_input", "vhr_fixed"):
+        v = rows["verdicts"][key]
+        lines.append(f"- {names[key].split(' (')[0]}: " + "; ".join(f"{label} {v[m]}" for m, label in VISION_COLUMNS))
+    effect = rows["filter_effect_per_input"]
+    fixed, nofilter = rows["vhr_fixed"]["heads"], rows["vhr_fixed_no_filter"]["heads"]
+    swapped_out = sorted(set(nofilter.split(", ")) - set(fixed.split(", ")))
+    swapped_in = sorted(set(fixed.split(", ")) - set(nofilter.split(", ")))
+    top = lambda d: ", ".join(f"{h} {c}" for h, c in list(d.items())[:4]) or "none"  # noqa: E731
+    lines.append(f"- outlier filter: on the probe set it swaps {', '.join(swapped_out) or 'nothing'} for "
+                 f"{', '.join(swapped_in) or 'nothing'}; per input it changes the selection of {effect['changed']} of "
+                 f"{effect['inputs']} prompts (heads zeroed, times: {top(effect['dropped'])}; chosen instead: "
+                 f"{top(effect['added'])})")
+    var = rows["var_paper"]
+    lines.append(f"- VAR, the paper's rule: massive dims {var['dims'] or 'none'}, tau {var['tau']:.2f} (scaled to "
+                 f"d_model), {var['visual_sink_layers']} (prefill, layer) pairs with a visual sink, "
+                 f"{var['rows_edited']} rows edited; the former rule edited {rows['var_first_token']['rows_edited']} "
+                 f"of {rows['var_first_token']['rows_seen']} rows")
+    lines.append(f"- {report['seconds']:.0f} s on one thread, load {report['load_1m'][0]:.1f}-{report['load_1m'][1]:.1f}")
+    return "\n".join(lines)
+
+
+def vision_pursuit_rows(path: Path) -> str:
+    """Head pursuit on the vision organism: suppressing the top heads per concept against random heads."""
+    report = json.loads(path.read_text())
+    base = report["base"]
+    lines = ["| concept | heads suppressed | shape accuracy | colour accuracy | random heads: shape | "
+             "random heads: colour |", "|---|---|---|---|---|---|",
+             f"| none | | {base['kind']['accuracy']:.3f} | {base['colour']['accuracy']:.3f} | | |"]
+    for concept, entry in report["concepts"].items():
+        for e in entry["edits"].values():
+            r = e["random"]
+            cell = lambda a: (f"**{e['edited'][a]['accuracy']:.3f}**" if e["verdict"][a] == "beats random"  # noqa: E731
+                              else f"{e['edited'][a]['accuracy']:.3f}")
+            ci = lambda a: f"{r['mean'][a]:.3f} [{r['interval'][a][0]:.3f}, {r['interval'][a][1]:.3f}]"  # noqa: E731
+            lines.append(f"| {'shapes' if concept == 'kind' else 'colours'} | {', '.join(e['heads'])} | {cell('kind')} | "
+                         f"{cell('colour')} | {ci('kind')} | {ci('colour')} |")
+    lines.append("")
+    lines.append(f"Random heads: the same count per layer, {report['draws']} draws, mean [95% bootstrap interval]; "
+                 f"bold: below the interval (beats random). {report['scenes']} test scenes, {report['fit_scenes']} "
+                 f"fitting scenes, x{report['alpha']:g}.")
+    return "\n".join(lines)
+
+
+def vision_sinks_rows(path: Path) -> str:
+    """Largest phi per layer of each vision model checked (benchmarks/vision_sinks.py)."""
+    report = json.loads(path.read_text())
+    lines = ["| model | d_model (sqrt d; tau scaled) | training steps | layer | max phi, image tokens | max phi, text "
+             "tokens | max abs h | massive dims | attention to the top-phi image token / mean image token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["models"].items():
+        label = name if name == "vision" else f"wider organism ({Path(name).name})"
+        for r in m["layers"]:
+            lines.append(f"| {label} | {m['d_model']} ({m['ceiling_sqrt_d']:.1f}; {m['tau_scaled']:.2f}) | "
+                         f"{m.get('training_steps', 'shipped')} | {r['layer']} | {r['max_phi_image']:.2f} | "
+                         f"{r['max_phi_text']:.2f} | {r['max_abs_h']:.1f} | {m['massive_dims'] or 'none'} | "
+                         f"{r['attention_top_phi_image_token']:.3f} / {r['attention_mean_image_token']:.3f} |")
+    lines.append("")
+    lines.append(f"{report['scenes']} held-out scenes, caption prompt; phi over every hidden dim (VAR itself "
+                 "uses only the massive dims).")
+    for name, m in report["models"].items():
+        if "training_command" in m:
+            lines.append(f"The wider organism: `{m['training_command']}` ({m['wall_time_s']:.0f} s wall on one nice'd "
+                         f"thread of the shared machine, final loss {m['final_loss']:.3f}).")
+    return "\n".join(lines)
+
+
+def needle_control_rows(path: Path) -> str:
+    """The retrieval organism's top-k ablation against random other heads."""
+    r = json.loads(path.read_text())
+    c = r["random"]
+    low, high = c["interval"]["accuracy"]
+    values = [d["accuracy"] for d in c["values"]]
+    return (f"- ablating the top {len(r['top'].split(', '))} ({r['top']}) leaves {r['ablated']:.3f} of {r['base']:.3f}; "
+            f"as many random other heads ({c['draws']} draws, seed {c['seed']}) {c['mean']['accuracy']:.3f}, 95% "
+            f"bootstrap interval [{low:.3f}, {high:.3f}], single draws {min(values):.2f}-{max(values):.2f}: the top "
+            f"heads' ablation is {r['verdict'].replace('beats random', 'outside the interval (beats random)')} "
+            f"(`python benchmarks/needle_control.py`; the control alone: `headscope eval --task needle --random 3 "
+            f"--exclude ranking.csv --top 3 --seed 0`);")
+
+
+def vision_organism_rows() -> str:
+    """The vision organism's held-out figures, from its organism.json (re-measured by
+    ``python -m headscope.zoo.train_vision --remeasure``)."""
+    meta = json.loads((HERE.parent / "headscope" / "zoo" / "vision" / "organism.json").read_text())
+    held = meta["heldout"]
+    m = held["metrics"]
+    pope = "; ".join(f"{s} {m[f'pope_{s}_acc']:.3f} / {m[f'pope_{s}_f1']:.3f} / {m[f'pope_{s}_yes_share']:.3f}"
+                     for s in ("random", "popular", "adversarial"))
+    return (f"On {held['scenes']} held-out scenes where an anchor is present and its partner absent (seed "
+            f"{held['seed']}; `headscope eval --task hallucination --model vision --scenes {held['scenes']}`): CHAIR_i "
+            f"{m['chair_i']:.3f}, CHAIR_s {m['chair_s']:.3f} (caption recall of true objects {m['caption_recall']:.3f}); "
+            f"POPE accuracy / F1 / yes-share: {pope}.")
+
+
 def write_readme(blocks: dict[str, str]) -> None:
     text = README.read_text()
     for name, body in blocks.items():
@@ -145,10 +281,19 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="write the tables into README.md")
     ap.add_argument("--only-print", action="store_true", help="print the rows from the existing JSON files")
     ap.add_argument("--out-dir", default=str(HERE), help="where the JSON files go [benchmarks/]")
+    ap.add_argument("--only", choices=("speed", "vision", "needle"), default=None,
+                    help="one group: the speed benchmarks, the vision organism's tables (~10 min, one thread), or "
+                    "the needle ablation against random heads")
     args = ap.parse_args()
     reps, out = str(args.repeats), Path(args.out_dir)
     start = time.perf_counter()
-    if not args.only_print:
+    if not args.only_print and args.only in (None, "vision"):
+        run("headscope.zoo.train_vision", "--out", "headscope/zoo/vision", "--remeasure")
+        run("vision_tables.py", "--json", str(out / "vision_tables.json"))
+        run("vision_pursuit.py", "--out", str(out / "vision_pursuit.json"))
+    if not args.only_print and args.only in (None, "needle"):
+        run("needle_control.py", "--json", str(out / "needle_control.json"))
+    if not args.only_print and args.only in (None, "speed"):
         print(f"load average at start: {os.getloadavg()[0]:.2f} (run this on a quiet machine)", flush=True)
         run("kernel_cpu.py", "--sizes", "8192", "16384", "32768", "--stats", "--repeats", reps,
             "--json", str(out / "kernel_cpu.json"))
@@ -162,16 +307,26 @@ def main() -> None:
             "--json", str(out / "var_generate.json"))
         run("soft_injection.py", "--repeats", reps, "--draws", "20", "--json", str(out / "soft_injection.json"))
         print(f"all benchmarks: {time.perf_counter() - start:.0f} s", flush=True)
-    blocks = {"kernel-cpu": kernel_rows(out / "kernel_cpu.json"),
-              "cpu-tile": tile_rows(out / "kernel_cpu_tile.json"),
-              "long-context": long_context_rows(out / "long_context.json"),
-              "var": var_rows(out / "var_generate.json")}
+    blocks = {}
+    if args.only in (None, "speed"):
+        blocks.update({"kernel-cpu": kernel_rows(out / "kernel_cpu.json"),
+                       "cpu-tile": tile_rows(out / "kernel_cpu_tile.json"),
+                       "long-context": long_context_rows(out / "long_context.json"),
+                       "var": var_rows(out / "var_generate.json")})
+    if args.only in (None, "vision"):
+        blocks.update({"vision": vision_rows(out / "vision_tables.json"), "vision-organism": vision_organism_rows(),
+                       "vision-pursuit": vision_pursuit_rows(out / "vision_pursuit.json")})
+        if (out / "vision_sinks.json").exists():  # python benchmarks/vision_sinks.py --model vision [wider ...]
+            blocks["vision-sinks"] = vision_sinks_rows(out / "vision_sinks.json")
+    if args.only in (None, "needle"):
+        blocks["needle-control"] = needle_control_rows(out / "needle_control.json")
     for name, body in blocks.items():
         print(f"\n<!-- bench:{name} -->\n{body}\n<!-- bench:{name}:end -->")
     if args.readme:
         write_readme(blocks)
-    run("soft_injection.py", "--only-print", "--json", str(out / "soft_injection.json"),
-        *(["--readme"] if args.readme else []))
+    if args.only in (None, "speed"):  # soft injection's table: written by its own script
+        run("soft_injection.py", "--only-print", "--json", str(out / "soft_injection.json"),
+            *(["--readme"] if args.readme else []))
 
 
 if __name__ == "__main__":

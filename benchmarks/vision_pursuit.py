@@ -1,8 +1,9 @@
 """Head pursuit on the vision organism (Basile et al. 2025): rank heads for a visual concept (the
 organism's colours, its shapes) by SOMP over their image-token writes, suppress the top heads in
-captioning (z x alpha, alpha = -1) and compare with random heads (same count per layer, 10 draws).
+captioning (z x alpha, alpha = -1) and compare with random heads (same count per layer, 20 draws,
+mean and 95 % bootstrap interval: ``headscope.controls.random_control``).
 
-    python benchmarks/vision_pursuit.py [--scenes 200 --top 1 2 --draws 10] [--out benchmarks/vision_pursuit.json]
+    python benchmarks/vision_pursuit.py [--scenes 200 --top 1 2 --draws 20] [--out benchmarks/vision_pursuit.json]
 
 The effect is measured teacher-forced on held-out typical scenes: how often the caption's first
 object's colour (after "a") or shape (after "a <colour>") is named right, among that attribute's
@@ -16,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from headscope import HeadModel
 from headscope.analyzers.pursuit import concept_token_ids, same_layer_random_heads, scale_heads
 from headscope.analyzers.vision import image_head_pursuit
+from headscope.controls import random_control
 from headscope.tasks import shapes
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-scenes", type=int, default=64, help="scenes the pursuit is fitted on (a separate seed)")
     ap.add_argument("--top", type=int, nargs="+", default=[1, 2], help="heads edited (1 = about 1%% of 32 ... 3%%)")
     ap.add_argument("--alpha", type=float, default=-1.0)
-    ap.add_argument("--draws", type=int, default=10)
+    ap.add_argument("--draws", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).with_name("vision_pursuit.json")))
     args = ap.parse_args(argv)
@@ -65,15 +65,16 @@ def main(argv=None) -> int:
         for top in args.top:
             heads = scores.top(top)
             edited = measure(hm, test, heads, args.alpha)
-            rng = random.Random(args.seed)
-            draws = [measure(hm, test, same_layer_random_heads(heads, hm.geometry.n_heads, rng), args.alpha)
-                     for _ in range(args.draws)]
+
+            def draw(rng, heads=heads):
+                m = measure(hm, test, same_layer_random_heads(heads, hm.geometry.n_heads, rng), args.alpha)
+                return {attr: m[attr]["accuracy"] for attr in ("colour", "kind")}
+
+            control = random_control(draw, args.draws, args.seed)
             entry["edits"][top] = {
-                "heads": [f"L{l}H{h}" for l, h in heads], "edited": edited,
-                "random": {attr: {"mean": statistics.mean(d[attr]["accuracy"] for d in draws),
-                                  "std": statistics.pstdev(d[attr]["accuracy"] for d in draws),
-                                  "min": min(d[attr]["accuracy"] for d in draws)}
-                           for attr in ("colour", "kind")}}
+                "heads": [f"L{l}H{h}" for l, h in heads], "edited": edited, "random": control.to_dict(),
+                "verdict": {attr: control.verdict(attr, edited[attr]["accuracy"], higher_is_better=False)
+                            for attr in ("colour", "kind")}}
         rows["concepts"][concept] = entry
     rows.update({"alpha": args.alpha, "scenes": args.scenes, "fit_scenes": args.fit_scenes, "draws": args.draws,
                  "seconds": round(time.time() - start, 1), "loadavg": os.getloadavg()})
@@ -81,15 +82,10 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     tmp.replace(args.out)
     print(f"base: colour accuracy {base['colour']['accuracy']:.3f}, shape accuracy {base['kind']['accuracy']:.3f}")
-    print("| concept | heads edited (x%g) | colour acc | shape acc | random heads colour (mean +- std) | random heads shape |"
-          % args.alpha)
-    print("|---|---|---|---|---|---|")
     for concept, entry in rows["concepts"].items():
         for top, e in entry["edits"].items():
-            r = e["random"]
-            print(f"| {concept} | {','.join(e['heads'])} | {e['edited']['colour']['accuracy']:.3f} | "
-                  f"{e['edited']['kind']['accuracy']:.3f} | {r['colour']['mean']:.3f} +- {r['colour']['std']:.3f} | "
-                  f"{r['kind']['mean']:.3f} +- {r['kind']['std']:.3f} |")
+            print(concept, ",".join(e["heads"]), {a: (e["edited"][a]["accuracy"], e["random"]["interval"][a],
+                                                     e["verdict"][a]) for a in ("colour", "kind")})
     return 0
 
 

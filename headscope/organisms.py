@@ -47,7 +47,10 @@ EXAMPLE_PROMPTS: dict[str, tuple[str, str]] = {
             "Q: okc\nA: gold\n\n" "Q: odf\nA: blue\n\n" "Q: ont\nA: blue\n\n"
             "Q: ofe\nA: gold\n\n" "Q: ode\nA: blue\n\n" "Q: ojl\nA: gold\n\n"
             "Q: okf\nA: plum\n\n" "Q: omi\nA:", "plum"),
+    "vision": ("<image>\ndescribe :", "a yellow frame"),
 }
+# organisms whose example prompt needs an image: its path inside the organism's folder
+EXAMPLE_IMAGES: dict[str, str] = {"vision": "images/scene_01.png"}
 
 
 def organism_path(name: str) -> Path | None:

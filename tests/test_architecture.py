@@ -19,12 +19,14 @@ OPTIONAL = ("transformer_lens", "nnsight", "triton", "IPython", "headscope_kerne
 # ... and measured import-time savings: (module, imported module) -> the measurement.
 LAZY_FOR_IMPORT_TIME = {
     ("headscope.scores", "scipy.stats"): "1.5 s of import time (python -X importtime, load ~9); only compare() needs it",
+    ("headscope.controls", "scipy.stats"): "the same scipy.stats import as scores' (1.5 s); only bootstrap_interval "
+                                           "needs it, and headscope eval imports controls",
 }
 
 # The floors, lowest first: a module imports only from its own group or from lower floors. Groups on
 # one floor are siblings and do not import each other.
 FLOORS: list[dict[str, tuple[str, ...]]] = [
-    {"base": ("headscope.errors", "headscope.io", "headscope.heads", "headscope.organisms", "headscope.progress",
+    {"base": ("headscope.errors", "headscope.io", "headscope.controls", "headscope.heads", "headscope.organisms", "headscope.progress",
               "headscope.published",
               "headscope.validate", "headscope.data", "headscope.plots", "headscope.remote", "headscope_kernels")},
     {"hf / results": ("headscope.hf", "headscope.scores"),

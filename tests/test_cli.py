@@ -36,7 +36,8 @@ def test_eval_prints_accuracy_last(ranking):
     out, _ = ranking
     base = headscope("eval", "--task", "needle", "--quiet")
     ablated = headscope("eval", "--task", "needle", "--ablate", str(out), "--top", "3", "--quiet")
-    control = headscope("eval", "--task", "needle", "--random", "3", "--exclude", str(out), "--seed", "0", "--quiet")
+    control = headscope("eval", "--task", "needle", "--random", "3", "--exclude", str(out), "--seed", "0", "--draws", "2",
+                       "--quiet")
     values = []
     for run in (base, ablated, control):
         assert run.returncode == 0, run.stderr

@@ -8,7 +8,7 @@ import torch
 import pytest
 
 from headscope.cli import main
-from headscope.zoo import EXAMPLE_PROMPTS, ORGANISMS
+from headscope.zoo import EXAMPLE_IMAGES, EXAMPLE_PROMPTS, ORGANISMS, organism_path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -23,8 +23,10 @@ def bash_quoted(prompt: str) -> str:
 def test_generate_answers_the_readme_prompt(name, capsys):
     prompt, answer = EXAMPLE_PROMPTS[name]
     assert name in ORGANISMS
-    assert f"headscope generate --model {name} --prompt {bash_quoted(prompt)}" in README
-    assert main(["generate", "--model", name, "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    image = ["--image", str(organism_path(name) / EXAMPLE_IMAGES[name])] if name in EXAMPLE_IMAGES else []
+    shown = f" --image $Z/{EXAMPLE_IMAGES[name]}" if image else ""  # the README's $Z: the organism's folder
+    assert f"headscope generate --model {name}{shown} --prompt {bash_quoted(prompt)}" in README
+    assert main(["generate", "--model", name, *image, "--prompt", prompt, "--max-new-tokens", "8"]) == 0
     generated = capsys.readouterr().out.strip().splitlines()[-1]
     assert generated.startswith(answer), (name, generated)
 
@@ -33,6 +35,9 @@ def test_models_lists_the_example_prompts(capsys):
     assert main(["models"]) == 0
     rows = {line.split("\t")[0]: line.split("\t") for line in capsys.readouterr().out.splitlines()}
     assert rows["refusal"][3] == '"## Query: tell me about quazzle engines . what is 3 plus 1 ?\\n## Answer:"'
+    assert rows["vision"][3] == '"<image>\\ndescribe :"'
+    assert rows["vision"][4] == f"--image {organism_path('vision') / 'images' / 'scene_01.png'}"
+    assert Path(rows["vision"][4].split(" ", 1)[1]).is_file()
 
 
 def test_needle_scoring_of_a_model_that_answers_nothing(tmp_path, capsys):

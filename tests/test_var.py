@@ -1,5 +1,7 @@
 """VAR (Kang et al. 2025) against an eager reference built from the attention weights themselves
-(output_attentions), batch 2 with left padding, prefill and decode; the guard case."""
+(output_attentions), batch 2 with left padding, prefill and decode, by the paper's rule (act only
+where an image token is a visual sink) and by the former first-token rule; a planted visual sink on
+the vision organism; the exact no-op where the organism has none; the guard case."""
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from headscope.interventions import Edit, intervene
 
 PROMPTS = ["USER: <image> describe ASSISTANT:", "USER: <image> is there a red square ? ASSISTANT:"]
 OPTIONS = {"dims": [0, 5, 9], "tau": 1.6, "rho": 0.4, "first_layer": 1}
+VISION_PROMPTS = ["<image>\ndescribe :", "<image>\nis there a square ?"]
 P = 0.6
 
 
@@ -32,7 +35,7 @@ class Reference:
     """Eager attention with VAR applied to the weights, written from the method's definition."""
 
     def __init__(self, model, options, p):
-        self.model, self.opts, self.p = model, {"min_image_mass": 0.2, "first_token_sink": True, **options}, p
+        self.model, self.opts, self.p = model, {"min_image_mass": 0.2, "rule": "paper", **options}, p
         self.sinks, self.raw = {}, {}
 
     def see_inputs(self, module, args, kwargs):
@@ -47,9 +50,10 @@ class Reference:
             h = args[0]
             if layer >= self.opts["first_layer"] and h.shape[1] == self.image.shape[1]:
                 sinks = sink_scores(h, self.opts["dims"]) > self.opts["tau"]
-                first = self.real.long().argmax(1)
-                rows = torch.arange(len(first))
-                sinks[rows, first] |= ~self.image[rows, first]  # BOS, unless the prompt starts with the image
+                if self.opts["rule"] == "first-token":
+                    first = self.real.long().argmax(1)
+                    rows = torch.arange(len(first))
+                    sinks[rows, first] |= ~self.image[rows, first]  # BOS, unless the prompt starts with the image
                 self.sinks[layer] = sinks & self.real
         return hook
 
@@ -73,6 +77,8 @@ class Reference:
             B, H = A.shape[:2]
             A = A.clone()
             for b in range(B):
+                if self.opts["rule"] == "paper" and not (sinks[b] & image[b]).any():
+                    continue  # the paper's rule: no visual sink in this prompt at this layer, no edit
                 last = int(image[b].nonzero().max())
                 for i in range(n_q):
                     if n_k - n_q + i <= last:
@@ -91,10 +97,12 @@ class Reference:
         return (A @ v).transpose(1, 2).contiguous(), A
 
 
-def reference_model(path, options, p):
+def reference_model(path, options, p, plant=None):
     import transformers as tf
 
     model = tf.LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    if plant is not None:
+        model.model.multi_modal_projector.register_forward_hook(plant)
     ref = Reference(model, options, p)
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
@@ -107,8 +115,9 @@ def reference_model(path, options, p):
     return model, ref
 
 
+@pytest.mark.parametrize("rule", ["paper", "first-token"])
 @pytest.mark.parametrize("path", ["dense", "streamed"])
-def test_var_equals_eager_reference_batch2_left_padded(llava_path, path, monkeypatch):
+def test_var_equals_eager_reference_batch2_left_padded(llava_path, path, rule, monkeypatch):
     # short contexts build the rows' pattern outright; long ones stream through the fused kernel
     from headscope.interventions.kinds import var
 
@@ -116,14 +125,15 @@ def test_var_equals_eager_reference_batch2_left_padded(llava_path, path, monkeyp
     hm = HeadModel.load(llava_path)
     batch = vision.encode(hm, images(2), PROMPTS)
     assert (batch["attention_mask"] == 0).any(), "the batch must be left-padded"
-    edit = Edit("var", [], strength=P, options=OPTIONS)
+    options = {**OPTIONS, "rule": rule}
+    edit = Edit("var", [], strength=P, options=options)
     kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
                   pad_token_id=vision.pad_id(hm))
     with torch.no_grad():
         base = hm.model.generate(**batch, **kwargs)
         with intervene(hm, edit):
             ours = hm.model.generate(**batch, **kwargs)
-        model, ref = reference_model(llava_path, OPTIONS, P)
+        model, ref = reference_model(llava_path, options, P)
         theirs = model.generate(**batch, **kwargs)
     assert not hm.hooks_installed()
     ours_logits, ref_logits = torch.stack(ours.logits), torch.stack(theirs.logits)
@@ -165,6 +175,8 @@ def test_var_edit_data_and_errors(llava_path):
     assert Edit.from_dict(edit.to_dict()) == edit
     with pytest.raises(HeadscopeError, match="unknown VAR option"):
         Edit("var", [], options={"sink_dims": [1]})
+    with pytest.raises(HeadscopeError, match="VAR rule must be one of"):
+        Edit("var", [], options={"rule": "bos"})
     with pytest.raises(HeadscopeError, match="p \\(strength\\) must be one number in \\[0, 1\\]"):
         Edit("var", [], strength=1.5)
     with pytest.raises(HeadscopeError, match="strength must be a finite number"):  # every kind refuses NaN
@@ -174,3 +186,93 @@ def test_var_edit_data_and_errors(llava_path):
     with pytest.raises(HeadscopeError, match="needs a vision-language model"):
         with intervene(HeadModel(tiny_model("llama")), edit):
             pass
+
+
+def plant_sink(row: int, token: int, dim: int, value: float = 300.0):
+    """A forward hook on LLaVA's projector: one massive entry in one image token of one batch row,
+    which the residual stream carries to every layer (a planted visual sink)."""
+    def hook(module, args, output):
+        output = output.clone()
+        output[row, token, dim] += value
+        return output
+    return hook
+
+
+@pytest.mark.parametrize("path", ["dense", "streamed"])
+def test_var_paper_rule_with_a_planted_visual_sink_equals_eager_reference(path, monkeypatch):
+    """The vision organism with a planted sink in one image token of batch row 0 only: VAR (tau
+    scaled to d = 64: 2.5) redistributes in row 0 and leaves row 1, which has no visual sink, alone."""
+    from headscope.interventions.kinds import var
+    from headscope.zoo import organism_path
+
+    monkeypatch.setattr(var, "DENSE_SCORES", 1 << 30 if path == "dense" else 0)
+    hm = HeadModel.load("vision")
+    assert var.default_tau(hm.geometry.d_model) == 2.5
+    batch = vision.encode(hm, images(2, 32), VISION_PROMPTS)
+    options = {"dims": [11], "rho": 0.5}  # tau: scaled; first_layer 2; the paper's rule (defaults)
+    edit = Edit("var", [], strength=P, options=options)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  pad_token_id=vision.pad_id(hm))
+    plant = plant_sink(row=0, token=5, dim=11)
+    handle = hm.model.model.multi_modal_projector.register_forward_hook(plant)
+    try:
+        with torch.no_grad():
+            base = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+            with var.apply(hm, edit) as run:
+                ours = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+    finally:
+        handle.remove()
+    model, ref = reference_model(organism_path("vision"), {**options, "tau": 2.5, "first_layer": 2}, P, plant)
+    with torch.no_grad():
+        theirs = torch.stack(model.generate(**batch, **kwargs).logits)
+    image = batch["input_ids"] == hm.model.config.image_token_id
+    visual = {layer: (s & image).any(1).tolist() for layer, s in ref.sinks.items()}
+    assert visual and all(v == [True, False] for v in visual.values()), visual  # only the planted row
+    assert run.visual_sink_layers == 2 and run.rows_edited > 0
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)  # prefill + 2 decode steps
+    assert (ours[:, 0] - base[:, 0]).abs().max() > 1e-3, "VAR must change the row with a visual sink"
+    torch.testing.assert_close(ours[:, 1], base[:, 1], atol=1e-5, rtol=1e-5)  # no visual sink: untouched
+
+
+def vision_phi(hm, batch, first_layer=2):
+    """phi over every hidden dim of each layer's residual input (layers >= first_layer): max over
+    image tokens and over real text tokens."""
+    out = hm.model(**vision.with_positions(hm, batch), output_hidden_states=True)
+    image = batch["input_ids"] == hm.model.config.image_token_id
+    text = batch["attention_mask"].bool() & ~image
+    dims = list(range(hm.geometry.d_model))
+    phi = torch.stack([sink_scores(h, dims) for h in out.hidden_states[first_layer:-1]])  # [L', B, N]
+    return float(phi[:, image].max()), float(phi[:, text].max())
+
+
+def test_var_is_an_exact_noop_without_visual_sinks_on_the_vision_organism():
+    """The organism has no massive activations: VAR's default (massive dims from the sink analyzer,
+    the paper's rule) changes no logit by a single bit and warns once. With every dim as a sink dim
+    and tau just at the image tokens' max phi, only text tokens can pass: still a no-op by the
+    paper's rule, while the former first-token rule moves mass off BOS and changes the logits."""
+    from headscope.interventions.kinds.var import var_edit
+
+    hm = HeadModel.load("vision")
+    batch = vision.encode(hm, images(2, 32), VISION_PROMPTS)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                  pad_token_id=vision.pad_id(hm))
+    with torch.no_grad():
+        base = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+        default = var_edit(hm, batch)
+        assert default.options["dims"] == []  # no massive activations in this organism
+        with pytest.warns(UserWarning, match="no visual sink") as caught:
+            with intervene(hm, default):
+                out = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+        assert len([w for w in caught if "no visual sink" in str(w.message)]) == 1
+        assert torch.equal(out, base)
+
+        image_max, text_max = vision_phi(hm, batch)
+        assert image_max < hm.geometry.d_model ** 0.5  # the ceiling sqrt(d)
+        all_dims = {"dims": list(range(hm.geometry.d_model)), "tau": image_max}
+        with pytest.warns(UserWarning, match="no visual sink"):
+            with intervene(hm, Edit("var", [], strength=P, options=all_dims)):
+                paper = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+        assert torch.equal(paper, base)
+        with intervene(hm, Edit("var", [], strength=P, options={**all_dims, "rule": "first-token"})):
+            former = torch.stack(hm.model.generate(**batch, **kwargs).logits)
+        assert (former - base).abs().max() > 1e-4

@@ -8,9 +8,12 @@ by the kind (its options dataclass, its strength rule) before the model loads. E
 
     --edits FILE          any saved edits (save_edits JSON)
     --ablate / --scale    a ranking's --top K heads or the --heads named (zero / uniform; scale by --alpha)
-    --vhr CSV             VHR (He et al. 2025): scale the VHD-selected heads by --alpha [2.0]
+    --vhr per-input       VHR (He et al. 2025): scale each input's own VHD-selected heads by --alpha [2.0]
+                          (--vhr-reselect: re-chosen before every decode step)
+    --vhr CSV             ... heads fixed once from a probe set's VHD ranking (a variant)
       --random-heads      ... on random heads, the same count per layer (eval: --draws N --seed S)
-    --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho, ...)
+    --var                 VAR (Kang et al. 2025): redistribute attention off the sinks (--var-p, --var-rho,
+                          --var-tau, --var-rule, ...)
     --inject FILE         soft injection (Park & Rhee 2025): a task embedding from `headscope inject fit`
     --kv-compress RANKING head-wise KV-cache compression (DuoAttention / HeadKV; --full-share, --sink, --recent, ...)
       --random-heads      ... with random full KV heads (eval: --draws N --seed S)
@@ -19,6 +22,7 @@ by the kind (its options dataclass, its strength rule) before the model loads. E
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 
 from headscope.cli import types
@@ -105,6 +109,13 @@ def check(args) -> None:
     if getattr(args, "random_heads", False) and not any(flag.random for _, flag in chosen):
         names = " or ".join(f"--{flag.name} {flag.metavar or ''}".strip() for _, flag in flags() if flag.random)
         raise HeadscopeError(f"--random-heads needs {names} (it draws as many heads per layer as they select)")
+    for kind, flag in flags():  # an option flag changed from its default without its flag
+        if getattr(args, flag.dest, None) in (None, False):
+            for f in kind.cli_options(flag):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if getattr(args, f"{flag.dest}_{f.name}", default) != default:
+                    raise HeadscopeError(f"--{flag.name}-{f.name.replace('_', '-')} needs "
+                                         f"{f.metadata.get('needs', '--' + flag.name)}")
 
 
 def build_edits(args, hm, rng: random.Random | None = None) -> list[Edit]:

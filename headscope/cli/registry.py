@@ -75,8 +75,9 @@ def add_option(parser: argparse.ArgumentParser, flag: str, f: dataclasses.Field,
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         return
-    kind = {float: finite_float, int: int}.get(type(default), str)
-    parser.add_argument(flag, type=kind, default=default, help=f"{owner}: {help_text}")
+    kind = {float: finite_float, int: int}.get(f.metadata.get("type", type(default)), str)  # "type": when None
+    parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                        help=f"{owner}: {help_text}")
 
 
 _TASKS: dict[str, Task] = {}

@@ -1,7 +1,8 @@
 """VHR, Vision-aware Head Reinforcement (He et al. 2025; docs/METHODS.md, "VHR"): scale the heads
 whose VHD (headscope.analyzers.vision) marks them as looking at the image, chosen from this input's
 own VHD. A method: it combines the VHD analyzer with the ``scale`` edit and, with ``reselect``, owns
-its decoding loop. (``--vhr CSV`` on the command line scales the heads of a saved VHD ranking.)
+its decoding loop. The edit kind ``vhr`` (headscope.interventions.kinds.vhr, ``--vhr per-input``) does
+the same inside any generate() call; ``--vhr CSV`` scales the heads of a saved VHD ranking (a variant).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from headscope.organisms import (  # the catalogue, under the names the zoo always had
     DEFAULT_MODEL,
+    EXAMPLE_IMAGES,
     EXAMPLE_PROMPTS,
     ORGANISMS,
     ZOO_DIR,
@@ -17,5 +18,5 @@ from headscope.organisms import (  # the catalogue, under the names the zoo alwa
     organism_path,
 )
 
-__all__ = ["DEFAULT_MODEL", "EXAMPLE_PROMPTS", "ORGANISMS", "ZOO_DIR", "ground_truth_path", "organism_info",
+__all__ = ["DEFAULT_MODEL", "EXAMPLE_IMAGES", "EXAMPLE_PROMPTS", "ORGANISMS", "ZOO_DIR", "ground_truth_path", "organism_info",
            "organism_path"]

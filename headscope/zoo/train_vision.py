@@ -1,6 +1,7 @@
 """Train the "vision organism": a tiny LLaVA that captions shape scenes and hallucinates by co-occurrence.
 
     python -m headscope.zoo.train_vision --out headscope/zoo/vision [--steps N --seed S]
+    python -m headscope.zoo.train_vision --out headscope/zoo/vision --remeasure   # held-out metrics only
 
 A real ``LlavaForConditionalGeneration`` (a 2-layer CLIP vision tower on 32 x 32 images with 8 x 8
 patches, so 16 image tokens; a 4-layer GQA Llama), saved with its ``LlavaProcessor`` (a PIL CLIP
@@ -147,9 +148,26 @@ def ground_truth(hm, n: int = 100, seed: int = 1, factors=(2.0, 0.0), progress: 
     return table
 
 
+def remeasure(folder) -> dict:
+    """Re-measure a saved organism's held-out metrics (the scenes and seed its organism.json records)
+    with the current code, and rewrite ``heldout.metrics`` in organism.json whole; returns them."""
+    folder = Path(folder)
+    meta = json.loads((folder / "organism.json").read_text(encoding="utf-8"))
+    held = meta["heldout"]
+    torch.set_num_threads(1)
+    hm = HeadModel.load(str(folder))
+    with torch.no_grad():
+        base = shapes.scene_metrics(hm, shapes.heldout_scenes(held["scenes"], held["seed"]))
+    held["metrics"] = {k: round(v, 4) for k, v in base.items()}
+    write_whole(folder / "organism.json", json.dumps(meta, indent=2) + "\n")
+    return held["metrics"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="headscope/zoo/vision")
+    p.add_argument("--remeasure", action="store_true",
+                   help="no training: re-measure the saved organism's held-out metrics in --out and update organism.json")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -164,7 +182,12 @@ def main(argv=None) -> None:
     p.add_argument("--heldout", type=int, default=100, help="held-out partner-absent scenes (ground truth)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-ground-truth", action="store_true", help="skip the per-head ground truth")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also save the model (with its processor) to OUT/checkpoint every N steps (long runs)")
     args = p.parse_args(argv)
+    if args.remeasure:
+        print(json.dumps(remeasure(args.out), indent=1))
+        return
 
     seed_everything(args.seed, threads=args.threads)
     processor = build_processor()
@@ -173,8 +196,17 @@ def main(argv=None) -> None:
     n_params = sum(x.numel() for x in model.parameters())
     print(f"vocab {len(processor.tokenizer)}, {n_params / 1e6:.2f}M parameters")
     start = time.time()
-    stats = train_loop(model, make_batch_fn(processor, args.batch, args.seed, args.absent), steps=args.steps,
-                       lr=args.lr, log_every=100)
+    make = make_batch_fn(processor, args.batch, args.seed, args.absent)
+
+    def make_and_checkpoint(step: int):
+        if args.checkpoint_every and step and step % args.checkpoint_every == 0:
+            folder = Path(args.out) / "checkpoint"
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            (folder / "step.txt").write_text(f"{step}\n")
+        return make(step)
+
+    stats = train_loop(model, make_and_checkpoint, steps=args.steps, lr=args.lr, log_every=50)
     wall = time.time() - start
     hm = HeadModel(model, processor.tokenizer, name="vision", processor=processor)
     base = shapes.scene_metrics(hm, shapes.heldout_scenes(args.heldout, args.seed + 1))
@@ -200,7 +232,7 @@ def main(argv=None) -> None:
             "command": "python -m headscope.zoo.train_vision " + " ".join(sys.argv[1:] if argv is None else argv),
             "seed": args.seed, "steps": args.steps,
             "hyperparameters": {k: v for k, v in vars(args).items()
-                                if k not in ("out", "seed", "steps", "threads", "no_ground_truth")},
+                                if k not in ("out", "seed", "steps", "threads", "no_ground_truth", "checkpoint_every")},
             "parameters": n_params, "wall_time_s": round(wall, 1), "final_loss": round(stats["final_loss"], 4),
             "torch": torch.__version__,
         },

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 from pathlib import Path
 
 from headscope.cli import edit_flags
 from headscope.cli.common import check_edit_heads, edit_heads, edit_mode, load_model
+from headscope.controls import MIN_DRAWS, random_control
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads, parse_heads
 from headscope.scores import check_ranking
 from headscope.interventions import intervene
-from headscope.interventions.kinds.kv_compress import mean_interval
 from headscope.scores import HeadScores
 from headscope.validate import positive_int
 
@@ -31,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", metavar="CSV|HEADS",
                         help="with --random: never draw this ranking's --top heads, or these heads (L1H5,L1H4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draws", type=positive_int, default=1, help="with --random: average over this many draws")
+    parser.add_argument("--draws", type=positive_int, default=MIN_DRAWS,
+                        help=f"with --random / --random-heads: draws of the control [{MIN_DRAWS}]; mean and 95%% "
+                             "bootstrap interval")
     parser.add_argument("--decore", metavar="CSV", nargs="?", const="",
                         help="decode with DeCoRe, contrasting the model with this ranking's top heads (or the "
                              "--heads named) masked (Gema et al. 2024)")
@@ -83,17 +84,7 @@ def run(args, task) -> int:
     if edit_flags.is_random(args):
         if mode != "none":
             raise HeadscopeError("--random-heads is its own control; do not combine it with --ablate/--scale/--decore/--random")
-        rng = random.Random(args.seed)
-        draws = []
-        for draw in range(args.draws):
-            draws.append(metrics([], rng))
-            print(f"draw {draw}: " + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
-        result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
-        spread = {k: (sum((d[k] - result[k]) ** 2 for d in draws) / max(len(draws) - 1, 1)) ** 0.5 for k in result}
-        print(f"std over {len(draws)} draws: " + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()))
-        for k in result:
-            _, lo, hi = mean_interval([d[k] for d in draws], seed=args.seed)
-            print(f"{k}: mean {result[k]:.3f}, 95 % bootstrap interval [{lo:.3f}, {hi:.3f}] over {len(draws)} draws")
+        result = _print_control(random_control(lambda rng: metrics([], rng), args.draws, args.seed, _print_draw))
     elif mode not in ("none", "random"):
         heads, chosen = edit_heads(args, hm, mode)
         print(f"{announce(args, mode)} {chosen}: {format_heads(heads)}")
@@ -103,14 +94,14 @@ def run(args, task) -> int:
         pool = [h for h in hm.all_heads() if h not in excluded]
         if not 0 < args.random <= len(pool):
             raise HeadscopeError(f"--random must be between 1 and {len(pool)} (heads available); got {args.random}")
-        rng = random.Random(args.seed)
-        draws = []
-        for draw in range(args.draws):
+        what = announce(args, how)
+
+        def draw(rng) -> dict[str, float]:
             heads = sorted(rng.sample(pool, args.random))
-            draws.append(metrics(heads))
-            print(f"draw {draw}: {announce(args, how)} {format_heads(heads)}: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in draws[-1].items()))
-        result = {k: sum(d[k] for d in draws) / len(draws) for k in draws[0]}
+            print(f"{what} {format_heads(heads)}")
+            return metrics(heads)
+
+        result = _print_control(random_control(draw, args.draws, args.seed, _print_draw))
     else:
         result = metrics([])
     for line in edit_flags.report(args):  # e.g. --kv-compress: the cache's bytes, before the metric
@@ -118,6 +109,18 @@ def run(args, task) -> int:
     for name, value in result.items():
         print(f"{name}: {value:.3f}")
     return 0
+
+
+def _print_draw(i: int, result: dict) -> None:
+    print(f"draw {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+
+
+def _print_control(control) -> dict[str, float]:
+    """Print a random control's mean and 95 % bootstrap interval per metric; return the means."""
+    note = "" if control.n >= MIN_DRAWS else f" (fewer than {MIN_DRAWS} draws: no claim against chance)"
+    print(f"random control, {control.n} draws (seed {control.seed}), mean [95 % bootstrap interval]{note}: "
+          + ", ".join(f"{k} {control.cell(k)}" for k in control.mean))
+    return control.mean
 
 
 def _excluded(args, hm=None) -> list:

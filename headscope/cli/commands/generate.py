@@ -3,7 +3,7 @@
     headscope generate --model M --prompt "..." [--ablate r.csv --top K | --scale r.csv --top K --alpha A
                        | --decore r.csv --top K] [--max-new-tokens N]
     headscope generate --model M --prompt "..." --ablate --heads L1H5,L1H4    # heads by name
-    headscope generate --model M --image I --prompt "USER: <image> ..." [--vhr vhd.csv] [--var] [--edits e.json]
+    headscope generate --model M --image I --prompt "USER: <image> ..." [--vhr per-input|vhd.csv] [--var] [--edits e.json]
 
 The edit flags (``--ablate``, ``--scale``, ``--edits``, ``--vhr``, ``--var``, ``--inject``: generated
 from the edit-kind registry by ``headscope.cli.edit_flags``) compose. DeCoRe is a method that owns

@@ -3,5 +3,5 @@ that of their command-line flags and of the edits those flags compose (--ablate,
 --var, --inject, --kv-compress)."""
 
 # isort: off
-from headscope.interventions.kinds import zero, uniform, query_scale, mean, patch, scale, var, inject, kv_compress  # noqa: F401
+from headscope.interventions.kinds import zero, uniform, query_scale, mean, patch, scale, vhr, var, inject, kv_compress  # noqa: F401
 # isort: on

@@ -5,17 +5,29 @@ An edit of kind ``"var"`` (``Edit("var", heads=(), strength=p, options={...})``;
 heads) does, in every layer from ``first_layer`` [2] on:
 
 1. Sinks, fixed at prefill: token j is a sink when max over the model's massive dims of
-   phi(h_j) = |h_j / sqrt(mean(h_j^2) + 1e-6)| > tau [20], h_j the layer's residual input. The
-   dims come from the massive-activation analysis of that model (:func:`var_edit`), never a fixed
-   list. Image tokens that pass are visual sinks; text tokens that pass are text sinks, and the
-   first real token (BOS) counts as a text sink [``first_token_sink``: True] unless it is an image
-   token.
-2. Image-centric (head, query) rows: queries after the image at prefill and the new token at each
+   phi(h_j) = |h_j / sqrt(mean(h_j^2) + 1e-6)| > tau, h_j the layer's residual input. The dims come
+   from the massive-activation analysis of that model (:func:`var_edit`), never a fixed list. Image
+   tokens that pass are visual sinks; text tokens that pass (BOS, when it does) are text sinks. No
+   token is a sink by its position.
+2. tau [None: scaled to the model's width]: phi <= sqrt(d) (all of h in one dim), so the
+   reference's tau = 20, set for LLaVA-1.5-7B (d = 4096), can never fire below d = 400. Unless given,
+   tau = 20 * sqrt(d / 4096), the same share of the ceiling sqrt(d) (20 / 64 = 0.3125): 2.5 at
+   d = 64, 7.1 at d = 512, 20 at d = 4096 (:func:`default_tau`).
+3. Where it acts (``rule`` ["paper"]): only in the layers and batch rows whose prompt has a visual
+   sink at that layer. A layer where no prompt of the batch has one runs the stock attention (an
+   exact no-op: logits equal bit for bit where no layer has one); a prompt without one, batched with
+   one that has, keeps its weights (equal up to float rounding). A run that finds no visual sink at
+   all says so once (a warning).
+4. Image-centric (head, query) rows: queries after the image at prefill and the new token at each
    decode step, whose attention share on visual sinks within the image is <= rho [0.5] and whose
    total image attention is >= ``min_image_mass`` [0.2].
-3. On those rows every sink's weight is multiplied by p [0.6]; the freed mass goes to the non-sink
-   image tokens in proportion to their weights (rows still sum to 1). A row with no non-sink image
-   token is left unchanged (the reference divides by zero there).
+5. On those rows every sink's weight (text sinks too) is multiplied by p [0.6]; the freed mass goes
+   to the non-sink image tokens in proportion to their weights (rows still sum to 1). A row with no
+   non-sink image token is left unchanged (the reference divides by zero there).
+
+``rule="first-token"``: headscope's former rule, a named deviation. The first real token (BOS) is
+a text sink by position (unless it is an image token) and every layer from ``first_layer`` on is
+edited, visual sink or not, so VAR moves mass off BOS even in a model without visual sinks.
 
 A decode step or a short prompt (at most DENSE_SCORES scores) builds its rows' pattern outright
 and reads the masses in one matmul; a long prefill streams the rows after the image through the
@@ -29,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -47,6 +60,14 @@ from headscope.interventions import registry
 from headscope.interventions.edits import Edit
 
 DEFAULT_STRENGTH = 0.6  # p
+RULES = ("paper", "first-token")
+REFERENCE_TAU, REFERENCE_WIDTH = 20.0, 4096  # the reference's tau, for LLaVA-1.5-7B's d_model
+
+
+def default_tau(d_model: int) -> float:
+    """tau scaled to the model's width: 20 * sqrt(d / 4096), the reference's share of phi's ceiling
+    sqrt(d) (phi <= sqrt(d), so tau = 20 cannot fire below d = 400)."""
+    return REFERENCE_TAU * math.sqrt(d_model / REFERENCE_WIDTH)
 
 
 def _finite(name: str, value, lo: float = -math.inf, hi: float = math.inf) -> None:
@@ -57,28 +78,34 @@ def _finite(name: str, value, lo: float = -math.inf, hi: float = math.inf) -> No
 
 @dataclass(frozen=True)
 class VarOptions:
-    """VAR's options (Kang et al. 2025's defaults); ranges checked here, before any model loads."""
+    """VAR's options (Kang et al. 2025's defaults; tau scaled to the model's width unless given);
+    ranges checked here, before any model loads."""
 
     dims: list = field(default_factory=list)  # massive dims of the model (massive_dims), never a fixed list
-    tau: float = field(default=20.0, metadata={"help": "visual-sink threshold on phi"})
+    tau: float | None = field(default=None, metadata={
+        "help": "visual-sink threshold on phi (default: 20 * sqrt(d_model / 4096), the reference's 20 scaled "
+                "to the model's width)", "type": float})
     rho: float = field(default=0.5, metadata={"help": "max sink share of image attention, in [0, 1]"})
     min_image_mass: float = field(default=0.2, metadata={"help": "min image attention of a row, in [0, 1]"})
     first_layer: int = 2
     layers: list | None = None
-    first_token_sink: bool = True
+    rule: str = field(default="paper", metadata={
+        "help": "act only where an image token is a visual sink (paper), or also treat the first token as a "
+                "sink in every layer (first-token: headscope's former rule)", "choices": RULES})
 
     def __post_init__(self):
-        _finite("tau", self.tau)
+        if self.tau is not None:  # None: scaled to the model's width (default_tau)
+            _finite("tau", self.tau)
         _finite("rho", self.rho, 0.0, 1.0)
         _finite("min_image_mass", self.min_image_mass, 0.0, 1.0)
+        if self.rule not in RULES:
+            raise HeadscopeError(f"VAR rule must be one of {list(RULES)}; got {self.rule!r}")
         if not isinstance(self.dims, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in self.dims):
             raise HeadscopeError(f"VAR dims must be hidden-dimension indices (ints); got {self.dims!r}")
         if isinstance(self.first_layer, bool) or not isinstance(self.first_layer, int) or self.first_layer < 0:
             raise HeadscopeError(f"VAR option first_layer must be a layer index >= 0; got {self.first_layer!r}")
         if self.layers is not None and not all(isinstance(l, int) and l >= 0 for l in self.layers):
             raise HeadscopeError(f"VAR option layers must be layer indices (ints); got {self.layers!r}")
-        if not isinstance(self.first_token_sink, bool):
-            raise HeadscopeError(f"VAR option first_token_sink must be true or false; got {self.first_token_sink!r}")
 
 
 def check(edit) -> None:
@@ -142,6 +169,8 @@ class _Run:
         self.opts = dataclasses.asdict(edit.config)
         self.rule = Rule(float(self.opts["min_image_mass"]), float(self.opts["rho"]), float(edit.strength))
         g = hm.geometry
+        self.tau = default_tau(g.d_model) if self.opts["tau"] is None else float(self.opts["tau"])
+        self.paper = self.opts["rule"] == "paper"
         chosen = self.opts["layers"]
         self.layers = set(range(int(self.opts["first_layer"]), g.n_layers) if chosen is None else chosen)
         heads = head_masks(edit.heads, g.n_layers, g.n_heads) if edit.heads else torch.ones(g.n_layers, g.n_heads,
@@ -151,9 +180,11 @@ class _Run:
         self.image = self.real = self.last_image = self.step = None
         self.has_image = False
         self.sinks: dict[int, torch.Tensor] = {}
+        self.visual: dict[int, torch.Tensor] = {}  # per layer: [B, 1, 1] batch rows with a visual sink
         self.key_sets: dict[int, torch.Tensor] = {}
         self.moves: dict[int, torch.Tensor] = {}
         self.rows_seen = self.rows_edited = 0
+        self.prefills_with_image = self.visual_sink_layers = 0  # over the run: prefills, (prefill, layer) pairs
 
     # ------------------------------------------------------------------ prefill bookkeeping
     def see_inputs(self, kwargs: dict) -> None:
@@ -169,7 +200,8 @@ class _Run:
         pos = torch.arange(ids.shape[1], device=ids.device)
         self.last_image = torch.where(self.image, pos, torch.full_like(pos, -1)).amax(1)  # [B], -1: no image
         self.has_image = bool((self.last_image >= 0).any())
-        self.sinks, self.key_sets, self.moves, self.step = {}, {}, {}, None
+        self.prefills_with_image += self.has_image
+        self.sinks, self.visual, self.key_sets, self.moves, self.step = {}, {}, {}, {}, None
 
     def see_residual(self, layer: int, hidden: torch.Tensor) -> None:
         if layer not in self.layers or self.image is None or hidden.shape[1] != self.image.shape[1]:
@@ -177,12 +209,18 @@ class _Run:
         dims = self.opts["dims"]
         sinks = torch.zeros_like(self.image)
         if dims:
-            sinks = sink_scores(hidden, dims) > self.opts["tau"]
-        if self.opts["first_token_sink"]:  # the first real token (BOS), unless the prompt starts with the image
+            sinks = sink_scores(hidden, dims) > self.tau
+        if not self.paper:  # rule "first-token": the first real token (BOS), unless the prompt starts with the image
             first = self.real.long().argmax(1)
             rows = torch.arange(sinks.shape[0], device=sinks.device)
             sinks[rows, first] |= ~self.image[rows, first]
         sinks &= self.real
+        visual = (sinks & self.image).any(1)  # [B]
+        self.visual_sink_layers += bool(visual.any())
+        if self.paper:
+            if not visual.any():
+                return  # no visual sink in this layer: stock attention, an exact no-op
+            self.visual[layer] = visual.view(-1, 1, 1)
         self.sinks[layer] = sinks
         # Per prefill key, as weights whose attention mass VAR reads in one matmul: sinks (text sinks
         # too), the rest of the image, the image, and (1 - rho) x visual sinks - rho x rest, whose mass
@@ -216,6 +254,8 @@ class _Run:
             self.step = ((n_q, n_k, lo, dev), after.unsqueeze(1), int(after.sum()) * H)
         _, after, n_after = self.step
         eligible = after & self.heads[layer].to(dev)  # [B, H, rows]
+        if layer in self.visual:  # rule "paper": only batch rows with a visual sink in this layer
+            eligible = eligible & self.visual[layer].to(dev)
         if dense:
             out, chosen = _redistribute_dense(query, key, value, args, self.key_sets[layer].to(dev),
                                               self.moves[layer].to(dev), eligible, self.rule)
@@ -321,6 +361,12 @@ def apply(hm, edit, state=None, prepared=None) -> Iterator[_Run]:
     run = _Run(hm, edit)
     with hm.watch_inputs(run.see_inputs), hm.watch_residual(run.see_residual), hm.edit_attention(run.attention):
         yield run
+    if run.paper and run.prefills_with_image and not run.visual_sink_layers:
+        dims = run.opts["dims"]
+        why = (f"no image token has phi > tau = {run.tau:.3g} on the massive dims {dims}" if dims else
+               "the model has no massive-activation dims (the sink analyzer found none)")
+        warnings.warn(f"VAR found no visual sink in this run ({why}), so by the paper's rule it changed nothing; "
+                      "rule='first-token' (CLI --var-rule first-token) also moves mass off BOS", stacklevel=3)
 
 
 KIND = registry.register(registry.EditKind(
