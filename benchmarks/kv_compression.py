@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from timing import load_average, summary  # noqa: E402
 
+from headscope.controls import bootstrap_interval  # noqa: E402
+
 SHARES = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
@@ -80,19 +82,33 @@ def accuracy(args) -> dict:
         if 0 < int(full_r.sum()) < full_r.numel():
             draws = [run(kvc.random_full_heads(full_r, rng)) for _ in range(args.draws)]
             accs = [d["accuracy"] for d in draws]
-            mean, lo, hi = kvc.mean_interval(accs, seed=args.seed)
-            row["random"] = {"mean": mean, "lo": lo, "hi": hi, "draws": accs,
+            row["random"] = {**control_summary(accs, args.seed), "draws": accs,
                              "kv_bytes_held": draws[0]["kv_bytes_held"]}
             draws = [run(kvc.random_full_heads(full_r, rng, per_layer=False)) for _ in range(args.draws)]
             accs = [d["accuracy"] for d in draws]
-            mean, lo, hi = kvc.mean_interval(accs, seed=args.seed)
-            row["random_any_layer"] = {"mean": mean, "lo": lo, "hi": hi, "draws": accs,
+            row["random_any_layer"] = {**control_summary(accs, args.seed), "draws": accs,
                                        "kv_bytes_held": [d["kv_bytes_held"] for d in draws]}
         report["shares"].append(row)
         print(json.dumps({k: (v if k == "share" else {kk: vv for kk, vv in v.items() if kk not in ("full", "draws")})
                           for k, v in row.items()}), flush=True)
     report["load_1m"].append(load_average())
     report["ranking_top_kv"] = kvc.full_heads_from_scores(ranking, g.n_kv_heads, 0.25, "any").int().tolist()
+    report["claim"] = claim(report)
+    return report
+
+
+def control_summary(accs: list[float], seed: int = 0) -> dict:
+    """Mean and 95 % bootstrap interval of a random control's draws (headscope.controls)."""
+    lo, hi = bootstrap_interval(accs, seed=seed)
+    return {"mean": sum(accs) / len(accs), "lo": lo, "hi": hi}
+
+
+def resummarise(report: dict) -> dict:
+    """Every random control's mean and interval again from its stored draws, and the claim from them."""
+    for row in report["shares"]:
+        for key in ("random", "random_any_layer"):
+            if key in row:
+                row[key].update(control_summary(row[key]["draws"]))
     report["claim"] = claim(report)
     return report
 
@@ -292,7 +308,9 @@ def main() -> None:
         (out / "kv_memory.json").write_text(json.dumps(memory(args), indent=1) + "\n")
     blocks = {}
     if (out / "kv_accuracy.json").exists():
-        blocks["kv-accuracy"] = accuracy_rows(json.loads((out / "kv_accuracy.json").read_text()))
+        report = resummarise(json.loads((out / "kv_accuracy.json").read_text()))
+        (out / "kv_accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
+        blocks["kv-accuracy"] = accuracy_rows(report)
     if (out / "kv_memory.json").exists():
         blocks["kv-memory"] = memory_rows(json.loads((out / "kv_memory.json").read_text()))
     for name, body in blocks.items():

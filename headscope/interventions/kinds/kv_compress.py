@@ -120,19 +120,6 @@ def razor_scores(hm, seed: int = 0):
                       {"sequences": int(tokens.shape[0]), "length": int(tokens.shape[1]), "seed": seed})
 
 
-def mean_interval(values: Sequence[float], seed: int = 0, n_boot: int = 2000, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap interval of ``values`` (the random-head control's summary; eval
-    prints it for every --random-heads control)."""
-    if not values:
-        raise HeadscopeError("no values to summarise")
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(n_boot))
-    lo = means[int((1 - level) / 2 * n_boot)]
-    hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
-    return sum(values) / n, lo, hi
-
-
 def check_share(share: float) -> None:
     if not (isinstance(share, (int, float)) and 0.0 <= share <= 1.0):
         raise HeadscopeError(f"--full-share must lie in [0, 1] (a share of the KV heads); got {share}")
