@@ -38,6 +38,8 @@ def test_models_lists_the_example_prompts(capsys):
     assert rows["vision"][3] == '"<image>\\ndescribe :"'
     assert rows["vision"][4] == f"--image {organism_path('vision') / 'images' / 'scene_01.png'}"
     assert Path(rows["vision"][4].split(" ", 1)[1]).is_file()
+    assert set(rows) == set(ORGANISMS)  # every organism, each with a prompt it understands
+    assert all(row[3].strip('"') for row in rows.values()), [name for name, row in rows.items() if not row[3].strip('"')]
 
 
 def test_needle_scoring_of_a_model_that_answers_nothing(tmp_path, capsys):
