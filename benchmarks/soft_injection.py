@@ -1,6 +1,6 @@
 """Soft injection on the icl organism against its controls, with 95 % bootstrap intervals.
 
-    python benchmarks/soft_injection.py [--model icl] [--draws 20] [--repeats 3] [--json benchmarks/soft_injection.json]
+    python benchmarks/soft_injection.py [--model icl] [--draws 20] [--repeats 3] [--timing-tasks 4] [--json benchmarks/soft_injection.json]
     python benchmarks/soft_injection.py --only-print --readme     # README table from the JSON
 
 Per task (the organism's task files, seeded split), on every test query once (demonstrations from
@@ -20,7 +20,8 @@ only when its accuracy lies above the control's interval.
 
 Also: Spearman of each task's alphas against the ground truth (-effect of zeroing the head on
 10-shot accuracy), fitting time (embedding, alphas, function-vector scores alternated in each repeat,
-best and median) and prompt cost (0-shot + injection against 10-shot ICL, alternated).
+best and median; the first repeat fits every task, later ones refit ``--timing-tasks`` of them) and
+prompt cost (0-shot + injection against 10-shot ICL, alternated, the same tasks).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def measure(args) -> dict:
     times = {"embedding": [], "fit_alphas": [], "fv_scores": []}
     embs, fvs = {}, {}
     for r in range(args.repeats):  # alternate the three steps within each repeat
-        for task in tasks:
+        for task in tasks if r == 0 else tasks[: args.timing_tasks]:
             emb, t = _timed(lambda: task_embedding(hm, task, progress=False))
             times["embedding"].append(t)
             emb, t = _timed(lambda: fit_soft_selection(hm, task, emb, steps=args.fit_steps, progress=False))
@@ -168,7 +169,7 @@ def measure(args) -> dict:
 
     cost = {}
     for r in range(args.repeats):  # alternate 0-shot + injection and 10-shot ICL
-        for task in tasks:
+        for task in tasks if r == 0 else tasks[: args.timing_tasks]:
             for name, k, edits in (("zero_shot_injection", 0, embs[task.name].edit()), ("icl_10_shot", 10, ())):
                 c = prompt_cost(hm, task, k, edits=edits, repeats=1)
                 entry = cost.setdefault(name, {"tokens": [], "seconds": []})
@@ -299,6 +300,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="icl")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats of the fitting and the prompt cost")
+    parser.add_argument("--timing-tasks", type=int, default=4,
+                        help="tasks timed again in repeats after the first (the first fits every task)")
     parser.add_argument("--draws", type=int, default=20, help="draws of the permuted and random-alpha controls")
     parser.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)

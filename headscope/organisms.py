@@ -22,8 +22,9 @@ ORGANISMS: dict[str, str] = {
     "(python -m headscope.zoo.train_multitask)",
     "topics": "Tiny Llama over filler words where trigger words make later words colours, animals or numbers; "
     "one head writes each concept, for head pursuit (python -m headscope.zoo.train_topics)",
-    "icl": "Tiny Llama (GQA) with twelve tasks over one vocabulary that only demonstrations tell apart (one "
-    "demonstration fits three tasks); for soft injection of task embeddings (python -m headscope.zoo.train_icl)",
+    "icl": "Tiny Llama (GQA) that reads its demonstrations: sixteen unseen tasks over one vocabulary, each a "
+    "palette of six of sixteen colours that only demonstrations show; for soft injection of task embeddings "
+    "(python -m headscope.zoo.train_icl)",
     "vision": "Tiny LLaVA (CLIP vision tower + Llama) captioning coloured shapes; a co-occurrence prior makes it "
     "hallucinate partner shapes (python -m headscope.zoo.train_vision)",
 }

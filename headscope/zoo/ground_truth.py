@@ -68,7 +68,7 @@ def measure(name: str = "retrieval", ablation: str = "zero", draws: int = 10, se
 
 
 @torch.no_grad()
-def icl_ground_truth(folder, *, k: int = 10, n: int | None = 50, seed: int = 0, progress: bool = True) -> Path:
+def icl_ground_truth(folder, *, k: int = 10, n: int | None = None, seed: int = 0, progress: bool = True) -> Path:
     """``ground_truth.csv`` of the icl organism: per head and task, k-shot accuracy on ``n`` test
     queries drawn with replacement (None: every test query once; demonstrations from the train split)
     with the head's output zeroed minus without (negative = the head helps), and the mean over tasks.

@@ -1,64 +1,68 @@
-"""Train the "icl organism": a tiny Llama that must read its demonstrations to know which of twelve
-tasks is meant, for soft injection of task embeddings (Park & Rhee 2025) and function vectors
-(Todd et al. 2024).
+"""Train the "icl organism": a tiny Llama that must read its demonstrations to know which task is
+meant, for soft injection of task embeddings (Park & Rhee 2025) and function vectors (Todd et al.
+2024).
 
     nice -n 10 python -m headscope.zoo.train_icl --out headscope/zoo/icl [--steps N --seed S]
 
-Twelve tasks over one vocabulary: 400 object words ``oaa .. opj`` and twelve colour words. Every
-object has a favourite-to-least-favourite order of the twelve colours (seeded); every task
-(``taska`` .. ``taskl``) is a palette of three colours, and its answer for an object is the
-object's favourite colour within the palette. Each colour is in exactly three palettes. So:
-- every task maps the same 400 inputs into the same colours;
-- 0-shot, no answer is right for more than three tasks of the twelve (an object's favourite
-  colour overall is the answer of the three palettes holding it): chance is 0.25;
+One vocabulary: 400 object words ``oaa .. opj`` and sixteen colour words. Every object has a seeded
+order of preference over the sixteen colours: a shared popularity plus Gumbel noise (Plackett-Luce),
+so objects' tastes overlap. A task is a palette of six colours; its answer for an object is the
+object's favourite colour within the palette. The organism is trained on random palettes (any six
+colours) and evaluated on sixteen palettes it never saw in training (``taska`` .. ``taskp``, each
+colour in exactly six of them). So:
+- every task maps the same 400 inputs into the same colours, and no prompt names its task;
+- 0-shot, no answer is right for more than six tasks of the sixteen (an object's favourite colour
+  overall is the answer of the six palettes holding it): chance is 0.375;
 - one demonstration ``x -> y`` says y is in the palette and the colours x prefers to y are not,
-  which fits several tasks; more demonstrations narrow them down. The Bayes-optimal reader of
-  the demonstrations, who knows the twelve palettes, scores 0.25 / 0.70 / 0.90 / 0.96 / 1.00 at
-  0 / 1 / 2 / 3 / 10 shots on the test queries (:func:`bayes_accuracy`, 4 draws of demonstrations;
-  ``organism.json``).
-  This is the role of demonstrations that Min et al. 2022 found in large models: they show the
-  label space.
+  which fits most palettes; each further demonstration narrows them down. The Bayes-optimal reader
+  of the demonstrations, who knows every object's preferences and that a task is some six colours,
+  scores about 0.38 / 0.48 / 0.59 / 0.77 / 0.89 at 0 / 1 / 2 / 5 / 10 shots on the test queries
+  (:func:`bayes_accuracy`, 4 draws of demonstrations; ``organism.json``): ten demonstrations leave
+  the palette partly unknown, so a task embedding averaged over many prompts has room above
+  10-shot ICL. This is the role of demonstrations that Min et al. 2022 found in large models: they
+  show the label space.
 
-Training rows: one task, k ~ U{0..10} demonstrations drawn only from the task's train split (the
-seeded split of the shipped task files, 200 / 100 / 100 objects, the same for every task,
-headscope.tasks.icl.IclTask) in the default prompt format ("Q: x\\nA: y" pairs joined by a blank
-line), then a query drawn from all 400 objects (the model "knows" every object's preferences, as a
-pretrained model knows facts); the loss is on every answer word, so each row trains every shot
-count. Test queries are never demonstrations, in training or evaluation. No row names its task
-(``--named-share``, default 0, can open rows with the task's name; the shipped organism has none).
+Training rows: a random palette (never an evaluated one), k ~ U{0..10} demonstrations from the
+train split's objects (the seeded split of the shipped task files, 200 / 100 / 100 objects, the
+same for every task, headscope.tasks.icl.IclTask) in the default prompt format ("Q: x\\nA: y" pairs
+joined by a blank line), then a query drawn from all 400 objects (the model "knows" every object's
+preferences, as a pretrained model knows facts); the loss is on every answer word, so each row
+trains every shot count. Test queries are never demonstrations, in training or evaluation.
 
 The object embeddings start with the structure a pretrained model's have (``--structure``): the
 object's liking of each colour (its rank scaled to [-1, 1]) times an orthonormal direction per
 colour. The model has to learn to read the preferences, to gather from the demonstrations which
 colours are in the palette, and to pick the query's favourite among them.
 
-Pilots (one run each, seed 0, the loop of this file): twelve tasks that each read one of twelve
-properties of an object (valued in four shared labels) did not leave the chance loss (ln 4) in 600
-steps, also with 80 % of the rows naming the task (which then had to gate the property read by the
-name); 12 named tasks without demonstrations stayed at chance for 700 steps, one task was learnt in
-50. The palettes need no gating of what is read, only a bias from the demonstrations: the loss fell
-below the floor of a demonstration-blind model (1.73) by step 150.
+Earlier designs (one run each, seed 0): twelve tasks that each read one of twelve properties of an
+object (valued in four shared labels) did not leave the chance loss in 600 steps, also with 80 % of
+the rows naming the task; twelve fixed palettes of three of twelve colours, trained as the only
+tasks, were read almost exactly (0 / 1 / 10 shots 0.25 / 0.61 / 0.98 against the Bayes reader's
+0.25 / 0.70 / 1.00): a reader who knows twelve palettes needs few demonstrations, which left 10-shot
+ICL at the ceiling.
 
-Shipped run (the defaults, 1500 steps; the full command is in ``organism.json``): 972 s on this
-project's 2-core machine under load 9-16, final loss 0.49. Test accuracy (every test query once,
-mean of the twelve tasks) at 0 / 1 / 2 / 3 / 5 / 10 shots: 0.247 / 0.607 / 0.836 / 0.900 / 0.950 /
-0.980, close to the Bayes-optimal reader; 10-shot is above the 0.6-0.85 this organism aimed for, so
-injection has little room above 10-shot ICL here.
+The shipped run's figures (wall time, final loss, 0 / 1 / 10-shot accuracy on every test query) are
+in ``organism.json``, with its full command.
 
 The ground truth (``ground_truth.csv``, headscope.zoo.ground_truth.icl_ground_truth): each head's
-effect on 10-shot test accuracy, per task and averaged (accuracy with the head's output zeroed minus
-without, so a helpful head is negative).
+effect on 10-shot test accuracy (every test query once), per task and averaged (accuracy with the
+head's output zeroed minus without, so a helpful head is negative).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 import torch
 from transformers import LlamaForCausalLM
@@ -68,34 +72,54 @@ from headscope.zoo.ground_truth import icl_ground_truth
 from headscope.zoo.training import build_word_tokenizer, organism_config, save_organism, seed_everything, train_loop
 
 N_OBJECTS = 400
-N_TASKS = 12
-PALETTE_SIZE = 3
-LABELS = ("red", "blue", "green", "gold", "pink", "grey", "teal", "navy", "lime", "plum", "rust", "jade")
+N_TASKS = 16
+PALETTE_SIZE = 6
+LABELS = ("red", "blue", "green", "gold", "pink", "grey", "teal", "navy", "lime", "plum", "rust", "jade",
+          "cyan", "sand", "mint", "wine")
 TASKS = tuple(f"task{chr(97 + i)}" for i in range(N_TASKS))
 OBJECTS = ["o" + chr(97 + i // 26) + chr(97 + i % 26) for i in range(N_OBJECTS)]
 MAP_SEED = 4321
 MAX_SHOTS = 10
+POPULARITY = 3.0
 
 
 def palettes() -> list[tuple[int, ...]]:
-    """Twelve distinct palettes of three colours (label indices), each colour in exactly three."""
+    """The evaluated tasks: sixteen distinct palettes of six colours (label indices), each colour in
+    exactly six. Seeded greedy: each palette takes the colours with the most uses left, ties broken
+    at random."""
     rng = random.Random(MAP_SEED)
     uses = N_TASKS * PALETTE_SIZE // len(LABELS)
     while True:
-        slots = [c for c in range(len(LABELS)) for _ in range(uses)]
-        rng.shuffle(slots)
-        out = [tuple(sorted(slots[i * PALETTE_SIZE:(i + 1) * PALETTE_SIZE])) for i in range(N_TASKS)]
-        if all(len(set(p)) == PALETTE_SIZE for p in out) and len(set(out)) == N_TASKS:
+        left = [uses] * len(LABELS)
+        out = []
+        for _ in range(N_TASKS):
+            order = sorted(range(len(LABELS)), key=lambda c: (-left[c], rng.random()))
+            palette = tuple(sorted(order[:PALETTE_SIZE]))
+            for c in palette:
+                left[c] -= 1
+            out.append(palette)
+        if len(set(out)) == N_TASKS:
             return out
 
 
+def training_palette(rng: random.Random, held_out: set[tuple[int, ...]]) -> tuple[int, ...]:
+    """A palette for one training row: any six of the sixteen colours except the evaluated tasks'."""
+    while True:
+        palette = tuple(sorted(rng.sample(range(len(LABELS)), PALETTE_SIZE)))
+        if palette not in held_out:
+            return palette
+
+
 def preferences() -> list[list[int]]:
-    """[object][colour] -> rank (0 = the object's favourite): a seeded random order per object."""
+    """[object][colour] -> rank (0 = the object's favourite): a seeded order per object, by a shared
+    popularity (``POPULARITY`` times 1 .. 0 over the colours in label order) plus Gumbel noise, so
+    objects' tastes overlap (Plackett-Luce)."""
     rng = random.Random(MAP_SEED + 1)
     rows = []
     for _ in OBJECTS:
-        order = list(range(len(LABELS)))
-        rng.shuffle(order)
+        score = [POPULARITY * (1 - c / (len(LABELS) - 1)) - math.log(-math.log(rng.random() or 1e-12))
+                 for c in range(len(LABELS))]
+        order = sorted(range(len(LABELS)), key=lambda c: -score[c])
         rank = [0] * len(LABELS)
         for i, c in enumerate(order):
             rank[c] = i
@@ -103,30 +127,43 @@ def preferences() -> list[list[int]]:
     return rows
 
 
+def answer(ranks: list[int], palette: Sequence[int]) -> str:
+    """An object's answer under a palette: its favourite colour within the palette."""
+    return LABELS[min(palette, key=lambda c: ranks[c])]
+
+
 def task_pairs() -> dict[str, list[tuple[str, str]]]:
-    """All (object, colour) pairs of every task, in object order: the object's favourite colour
-    within the task's palette."""
+    """All (object, colour) pairs of every evaluated task, in object order."""
     ranks = preferences()
-    return {t: [(x, LABELS[min(palette, key=lambda c: ranks[i][c])]) for i, x in enumerate(OBJECTS)]
-            for t, palette in zip(TASKS, palettes())}
+    return {t: [(x, answer(ranks[i], palette)) for i, x in enumerate(OBJECTS)] for t, palette in zip(TASKS, palettes())}
 
 
 def bayes_accuracy(tasks: dict[str, IclTask], k: int, *, draws: int = 1, seed: int = 0) -> float:
     """Test accuracy of the Bayes-optimal reader of k demonstrations (train split) who knows every
-    task's map: it keeps the tasks consistent with the demonstrations (uniform prior) and answers the
-    query's label most of them give (ties split evenly). The ceiling any model can reach."""
-    maps = {name: dict(task.pairs) for name, task in tasks.items()}
+    object's preferences and that a task is some palette of six colours (uniform prior over all
+    C(16, 6)): it keeps the palettes consistent with the demonstrations (the answer is in the palette,
+    the colours the object prefers to it are not) and answers what most of them give (ties split
+    evenly). The ceiling any reader of the prompt can reach."""
+    ranks = preferences()
+    index = {x: i for i, x in enumerate(OBJECTS)}
+    family = np.array([[c in p for c in range(len(LABELS))]
+                       for p in itertools.combinations(range(len(LABELS)), PALETTE_SIZE)])
+    orders = np.argsort(np.array(ranks), axis=1)  # [object, position] -> colour
     hits = total = 0.0
-    for name, task in tasks.items():
+    for task in tasks.values():
         for _ in range(draws):
             for demos, (x, y) in task.examples("test", k, seed=seed):
-                fits = [m for m in maps.values() if all(m[dx] == dy for dx, dy in demos)]
-                votes: dict[str, int] = {}
-                for m in fits:
-                    votes[m[x]] = votes.get(m[x], 0) + 1
-                best = max(votes.values())
-                winners = [v for v, c in votes.items() if c == best]
-                hits += (y in winners) / len(winners)
+                keep = np.ones(len(family), dtype=bool)
+                for dx, dy in demos:
+                    order = orders[index[dx]]
+                    pos = int(np.flatnonzero(order == LABELS.index(dy))[0])
+                    keep &= family[:, order[pos]] & ~family[:, order[:pos]].any(axis=1)
+                order = orders[index[x]]
+                fits = family[keep]
+                first = order[np.argmax(fits[:, order], axis=1)]
+                votes = np.bincount(first, minlength=len(LABELS))
+                winners = np.flatnonzero(votes == votes.max())
+                hits += (LABELS.index(y) in winners) / len(winners)
                 total += 1
             seed += 1
     return hits / total
@@ -145,28 +182,23 @@ def structure_embeddings(model, tokenizer, seed: int, scale: float) -> None:
     emb[tokenizer.convert_tokens_to_ids(OBJECTS)] += scale * liking @ q.T
 
 
-def training_row(rng: random.Random, tokenizer, tasks: dict[str, IclTask], fmt: PromptFormat,
-                 named: bool = False) -> tuple[list[int], list[float]]:
-    """One task, k ~ U{0..10} demonstrations from its train split, then a query from all objects;
-    weights 1 on every answer token. ``named``: the row opens with the task's name."""
-    name = rng.choice(TASKS)
-    task = tasks[name]
+def training_row(rng: random.Random, tokenizer, ranks: list[list[int]], demo_objects: list[int],
+                 held_out: set[tuple[int, ...]], fmt: PromptFormat) -> tuple[list[int], list[float]]:
+    """One row: a palette drawn from all but the evaluated tasks', k ~ U{0..10} demonstrations from
+    the train split's objects, then a query from all objects; weights 1 on every answer token."""
+    palette = training_palette(rng, held_out)
     k = rng.randint(0, MAX_SHOTS)
-    demos = rng.sample(task["train"], k)
-    query = rng.choice(task.pairs)
+    objects = rng.sample(demo_objects, k) + [rng.randrange(N_OBJECTS)]
     ids = [tokenizer.bos_token_id]
     weights = [0.0]
-    if named:
-        ids.append(tokenizer.convert_tokens_to_ids(name))
-        weights.append(0.0)
-    for i, (x, y) in enumerate(demos + [query]):
-        head = fmt.prompt([], x)
+    for i, obj in enumerate(objects):
+        head = fmt.prompt([], OBJECTS[obj])
         if i:
             head = fmt.separator + head
         piece = tokenizer(head, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(fmt.target(y), add_special_tokens=False)["input_ids"]
-        ids += piece + answer
-        weights += [0.0] * len(piece) + [1.0] * len(answer)
+        target = tokenizer(fmt.target(answer(ranks[obj], palette)), add_special_tokens=False)["input_ids"]
+        ids += piece + target
+        weights += [0.0] * len(piece) + [1.0] * len(target)
     return ids, weights
 
 
@@ -185,22 +217,24 @@ def write_task_files(out: Path) -> dict[str, IclTask]:
 
 def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int, hidden: int = 128,
           layers: int = 4, heads: int = 4, kv_heads: int = 2, warmup: int = 100, structure: float = 1.0,
-          named_share: float = 0.0, named_until: float = 0.5, command: str = "") -> dict:
+          command: str = "") -> dict:
     seed_everything(seed, threads)
     fmt = PromptFormat()
     tasks = write_task_files(out)
     texts = [fmt.prompt([(OBJECTS[0], LABELS[0])], OBJECTS[1])]
-    tokenizer = build_word_tokenizer(texts, extra_tokens=OBJECTS + list(LABELS) + list(TASKS))
+    tokenizer = build_word_tokenizer(texts, extra_tokens=OBJECTS + list(LABELS))
     cfg = organism_config(tokenizer, hidden=hidden, intermediate=4 * hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                           max_positions=128, attention_bias=True)
     model = LlamaForCausalLM(cfg)
     if structure:
         structure_embeddings(model, tokenizer, seed, structure)
     rng = random.Random(seed)
+    ranks = preferences()
+    demo_objects = sorted(OBJECTS.index(x) for x, _ in tasks[TASKS[0]]["train"])
+    held_out = set(palettes())
 
     def make_batch(step):
-        share = named_share if step < named_until * steps else 0.0
-        rows = [training_row(rng, tokenizer, tasks, fmt, rng.random() < share) for _ in range(batch)]
+        rows = [training_row(rng, tokenizer, ranks, demo_objects, held_out, fmt) for _ in range(batch)]
         width = max(len(r[0]) for r in rows)
         ids = torch.full((batch, width), tokenizer.pad_token_id)
         w = torch.zeros(batch, width)
@@ -214,9 +248,9 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int,
     (demos, (query, answer)), = example_task.examples("test", MAX_SHOTS, n=1, seed=seed)
     meta = {
         "name": "icl",
-        "description": "Tiny GQA Llama with twelve tasks over one vocabulary: each task a palette of three of twelve "
-        "colours, its answer an object's favourite colour in the palette; only demonstrations show the palette "
-        "(0-shot chance 0.25).",
+        "description": "Tiny GQA Llama that reads its demonstrations: a task is a palette of six of sixteen colours, "
+        "its answer an object's favourite colour in the palette; trained on random palettes, evaluated on sixteen "
+        "it never saw; only demonstrations show the palette (0-shot chance 0.375).",
         "tasks": list(TASKS),
         "task_files": [f"{t}.jsonl" for t in TASKS],
         "labels": list(LABELS),
@@ -227,9 +261,11 @@ def train(out: Path, steps: int, seed: int, batch: int, lr: float, threads: int,
             "seed": seed, "steps": steps, "threads": threads,
             "hyperparameters": {"lr": lr, "warmup": warmup, "schedule": "cosine", "batch": batch, "layers": layers,
                                 "heads": heads, "kv_heads": kv_heads, "hidden": hidden, "intermediate": 4 * hidden,
-                                "objects": N_OBJECTS, "labels": len(LABELS), "embedding_structure": structure, "palettes": [[LABELS[c] for c in p] for p in palettes()],
-                                "attention_bias": True, "max_shots": MAX_SHOTS, "named_share": named_share,
-                                "named_until": named_until,
+                                "objects": N_OBJECTS, "labels": len(LABELS), "popularity": POPULARITY,
+                                "embedding_structure": structure,
+                                "evaluated_palettes": [[LABELS[c] for c in p] for p in palettes()],
+                                "training_palettes": "any six of the sixteen colours but the evaluated ones",
+                                "attention_bias": True, "max_shots": MAX_SHOTS,
                                 "demonstrations_from": "train split", "queries_from": "all objects"},
             "parameters": sum(p.numel() for p in model.parameters()),
             "wall_time_s": round(record["wall_s"], 1),
@@ -256,21 +292,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--structure", type=float, default=1.0,
                         help="norm of each property's direction added to the object embeddings (0: plain random)")
-    parser.add_argument("--named-share", type=float, default=0.0,
-                        help="share of training rows opened by the task's name, in the first --named-until of the steps")
-    parser.add_argument("--named-until", type=float, default=0.5,
-                        help="fraction of the steps after which no row names its task")
     parser.add_argument("--no-ground-truth", action="store_true", help="skip measuring ground_truth.csv")
     args = parser.parse_args(argv)
     out = Path(args.out)
     command = (f"nice -n 10 python -m headscope.zoo.train_icl --out {args.out} --steps {args.steps} --batch {args.batch} "
                f"--lr {args.lr} --seed {args.seed} --threads {args.threads} --hidden {args.hidden} --layers {args.layers} "
-               f"--heads {args.heads} --warmup {args.warmup} --structure {args.structure} "
-               f"--named-share {args.named_share} --named-until {args.named_until}")
+               f"--heads {args.heads} --warmup {args.warmup} --structure {args.structure}")
     start = time.time()
     meta = train(out, args.steps, args.seed, args.batch, args.lr, args.threads, args.hidden, args.layers, args.heads,
-                 warmup=args.warmup, structure=args.structure, named_share=args.named_share,
-                 named_until=args.named_until, command=command)
+                 warmup=args.warmup, structure=args.structure, command=command)
     print(f"trained in {meta['training']['wall_time_s']} s, final loss {meta['training']['final_loss']}")
     if not args.no_ground_truth:
         icl_ground_truth(out)
