@@ -44,10 +44,10 @@ EXAMPLE_PROMPTS: dict[str, tuple[str, str]] = {
     "multitask": ("ind saa sab sac sad sae saf sag sah saa sab sac", "sad sae saf"),
     "topics": ("the man was at home paint", "white"),
     # ten demonstrations of taska (its train split), then a test query never used as a demonstration
-    "icl": ("Q: okl\nA: blue\n\n" "Q: ohr\nA: blue\n\n" "Q: obc\nA: gold\n\n"
-            "Q: okc\nA: gold\n\n" "Q: odf\nA: blue\n\n" "Q: ont\nA: blue\n\n"
-            "Q: ofe\nA: gold\n\n" "Q: ode\nA: blue\n\n" "Q: ojl\nA: gold\n\n"
-            "Q: okf\nA: plum\n\n" "Q: omi\nA:", "plum"),
+    "icl": ("Q: okl\nA: red\n\n" "Q: ohr\nA: green\n\n" "Q: obc\nA: lime\n\n"
+            "Q: okc\nA: green\n\n" "Q: odf\nA: green\n\n" "Q: ont\nA: navy\n\n"
+            "Q: ofe\nA: lime\n\n" "Q: ode\nA: red\n\n" "Q: ojl\nA: gold\n\n"
+            "Q: okf\nA: gold\n\n" "Q: omi\nA:", "gold"),
     "vision": ("<image>\ndescribe :", "a yellow frame"),
 }
 # organisms whose example prompt needs an image: its path inside the organism's folder

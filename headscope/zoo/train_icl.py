@@ -173,7 +173,7 @@ def bayes_accuracy(tasks: dict[str, IclTask], k: int, *, draws: int = 1, seed: i
 def structure_embeddings(model, tokenizer, seed: int, scale: float) -> None:
     """Add to each object's embedding its colour preferences, as a pretrained model's embeddings
     hold facts: sum over colours of (centred, scaled to [-1, 1]) preference times a direction per
-    colour; the twelve directions are orthonormal, times ``scale``."""
+    colour; the sixteen directions are orthonormal, times ``scale``."""
     emb = model.get_input_embeddings().weight
     g = torch.Generator().manual_seed(seed + 1)
     q, _ = torch.linalg.qr(torch.randn(emb.shape[1], len(LABELS), generator=g))
