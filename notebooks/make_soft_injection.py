@@ -10,9 +10,10 @@ cells = [
            "(Park & Rhee 2025): average each head's output at the last token of 10-shot prompts (the task "
            "embedding m), then learn one weight alpha per head and write (1 - alpha) z + alpha m into the last "
            "token of a 0-shot prompt. The learned alphas say which heads carry the task. The model is the shipped "
-           "*icl organism* (`python -m headscope.zoo.train_icl`): twelve tasks over one vocabulary (each task one "
-           "property of 400 objects, valued in four shared labels), so a 0-shot query does not say which task is "
-           "meant and one demonstration fits three tasks."),
+           "*icl organism* (`python -m headscope.zoo.train_icl`): sixteen tasks over one vocabulary that it "
+           "never saw in training, each a palette of six of sixteen colours (the answer: the object's favourite "
+           "colour in the palette), so a 0-shot query does not say which task is meant, one demonstration fits "
+           "most palettes, and even ten leave the palette partly unknown."),
     ("code", "import torch\n"
              "from headscope import HeadModel, zoo\n"
              "from headscope.tasks.icl import IclTask, PromptFormat\n"
