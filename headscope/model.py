@@ -9,6 +9,10 @@ so a model is never left edited, also after an exception::
     rec.top1_index()                                       # [layers, B, heads, rows]
     with hm.ablate([(1, 3), (2, 0)], mode="zero"):
         hm.model.generate(input_ids)
+
+Each block applies only where it was opened (headscope.scope): to the forward passes of its own
+thread and asyncio task (tasks created inside it inherit it), and, when a generator's body opens
+it, only to the generator's own forward passes, never to its caller's between items.
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ from typing import Iterator
 _OPEN: ContextVar[tuple["Opened", ...]] = ContextVar("headscope_open", default=())  # context-bound records
 _FLOOR: ContextVar[int] = ContextVar("headscope_floor", default=-1)  # records numbered below it are suspended
 _SERIAL = itertools.count()
-_CONTEXTLIB = contextlib.__file__
 _BODIES = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
 
 
@@ -55,14 +54,17 @@ def _opener(frame: FrameType | None) -> FrameType | None:
     function's or coroutine's body opens it. contextlib's frames, and the bodies of the context
     managers it is entering, are looked through."""
     while frame is not None:
-        if frame.f_code.co_filename == _CONTEXTLIB:
+        if _in_contextlib(frame):
             frame = frame.f_back
-        elif (frame.f_code.co_flags & _BODIES and frame.f_back is not None
-              and frame.f_back.f_code.co_filename == _CONTEXTLIB):
+        elif frame.f_code.co_flags & _BODIES and frame.f_back is not None and _in_contextlib(frame.f_back):
             frame = frame.f_back  # a contextmanager body being entered
         else:
             break
     return frame if frame is not None and frame.f_code.co_flags & _BODIES else None
+
+
+def _in_contextlib(frame: FrameType) -> bool:
+    return frame.f_globals.get("__name__") == "contextlib"
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ reference edit (our own o_proj pre-hooks replacing the heads' z, as in tests/tes
 """
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 
@@ -147,6 +148,34 @@ def test_an_abandoned_generator_takes_its_hooks_with_it(hm, batches):
         assert torch.equal(hm.model(batches[1]).logits, plain)
     gen.close()
     assert not hm.hooks_installed()
+
+
+def test_a_contextmanager_body_hands_its_edits_to_the_with_block(hm, batches):
+    """contextlib.contextmanager bodies yield inside their blocks too: those blocks belong to the code
+    that enters the context manager (and an ExitStack entered in a generator body, to the generator)."""
+    ids = batches[1]
+
+    @contextlib.contextmanager
+    def my_ablation():
+        with hm.ablate(ZEROED):
+            yield
+
+    def stacked():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hm.ablate(OTHER))
+            yield hm.model(ids).logits
+
+    plain = eager(hm, ids)
+    with torch.no_grad():
+        with my_ablation():
+            mine = hm.model(ids).logits
+        gen = stacked()
+        from_gen = next(gen)
+        between = hm.model(ids).logits
+        gen.close()
+    close(mine, eager(hm, ids, zeroing(ZEROED)))
+    close(from_gen, eager(hm, ids, zeroing(OTHER)))
+    assert torch.equal(between, plain)
 
 
 # ------------------------------------------------------------------------------ asyncio

@@ -339,6 +339,9 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
     Each edit's kind (the registry) prepares it before any hook is installed (reference
     activations, shape checks), then installs its hooks through HeadModel's context managers, so
     they are removed on exit, also after an exception. ``pad_id``: padding in mean-edit reference rows.
+    The edits apply where the block was opened (its thread and asyncio task; in a generator's body,
+    the generator's own forward passes only: headscope.scope); mean and patch reference activations
+    are computed from the unedited model, whatever else is open.
     """
     edits = [edits] if isinstance(edits, Edit) else list(edits)
     for e in edits:
