@@ -228,11 +228,6 @@ class HeadModel:
                 now.setdefault(record.kind, []).append(record.item)
         return now
 
-    def suspended(self):
-        """A block in which the probes and edits open so far (in this context) do not apply; those
-        opened inside it do. Reference activations (mean / patch edits) are computed in one."""
-        return scope.suspended()
-
     def _install(self) -> None:
         if getattr(next(self.model.parameters(), None), "is_meta", False):
             raise HeadscopeError(

@@ -55,7 +55,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from headscope import remote
+from headscope import remote, scope
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads, head_masks
 from headscope.interventions import registry
@@ -240,13 +240,13 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, dict[int, torch.
 def source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None) -> dict[int, torch.Tensor]:
     """Per layer: mean z [H, d] over the reference rows and positions (mean), or z [B, S, H, d] (patch).
     Computed once per (model, source) and cached, from the unedited model: every probe and edit open
-    when it is first needed is suspended for the reference run (``HeadModel.suspended``)."""
+    when it is first needed is suspended for the reference run (``headscope.scope.suspended``)."""
     cache = _CACHE.setdefault(hm.model, {})
     key = (kind, hashlib.sha1(json.dumps(source).encode()).hexdigest())
     if key not in cache:
         ids = torch.tensor(source, device=hm.device)
         mask = torch.ones_like(ids) if pad_id is None else (ids != pad_id).long()
-        with hm.suspended(), hm.capture_z() as cap:
+        with scope.suspended(), hm.capture_z() as cap:
             hm.model(input_ids=ids, attention_mask=mask)
         if kind == "mean":
             w = mask.to(cap.z[0].dtype).view(*mask.shape, 1, 1)
