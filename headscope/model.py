@@ -9,6 +9,10 @@ so a model is never left edited, also after an exception::
     rec.top1_index()                                       # [layers, B, heads, rows]
     with hm.ablate([(1, 3), (2, 0)], mode="zero"):
         hm.model.generate(input_ids)
+
+Each block applies only where it was opened (headscope.scope): to the forward passes of its own
+thread and asyncio task (tasks created inside it inherit it), and, when a generator's body opens
+it, only to the generator's own forward passes, never to its caller's between items.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from headscope import cache, probes
+from headscope import cache, probes, scope
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads, format_heads, head_masks
 from headscope.hf import attention, devices, loading
@@ -91,6 +95,7 @@ class HeadModel:
         self._owner_lock = threading.Lock()
         self._undo_attention: Callable[[], None] | None = None
         self._hooks: dict[str, list] = {kind: [] for kind in HOOK_KINDS}  # the hook table
+        self._open: list[scope.Opened] = []  # its open entries, and where each applies (headscope.scope)
         self._handles: list = []  # torch handles of the module hooks the table's kinds put on
         self._module_hooks: set[str] = set()  # module hooks on now ("out_proj", "block", "input")
         self._stats: StatsRequest | None = None
@@ -187,6 +192,8 @@ class HeadModel:
 
         Probes and edits belong to one thread at a time: another thread opening one meanwhile gets
         an error at once, and its plain forward passes run unedited (the hooks pass them through).
+        Within the thread, each applies only where it was opened (headscope.scope): its own asyncio
+        task (and tasks created inside the block), or the generator body that opened it.
         """
         with self._owner_lock:
             if self._owner not in (None, threading.get_ident()):
@@ -210,6 +217,16 @@ class HeadModel:
     def _mine(self) -> bool:
         """True in the thread whose probes and edits are open (hooks ignore other threads)."""
         return self._owner == threading.get_ident()
+
+    def _applying(self) -> dict[str, list]:
+        """The hook table's items that apply to the forward pass running now, by kind, in the order
+        they were opened: those opened in this thread and context, or by the generator body that
+        runs now (headscope.scope)."""
+        now: dict[str, list] = {}
+        if self._open and self._mine():
+            for record in scope.active(self._open):
+                now.setdefault(record.kind, []).append(record.item)
+        return now
 
     def _install(self) -> None:
         if getattr(next(self.model.parameters(), None), "is_meta", False):
@@ -264,7 +281,8 @@ class HeadModel:
             self._module_hooks_for(kind)
             self._hooks[kind].append(item)
             try:
-                yield item
+                with scope.opened(self._open, kind, item):
+                    yield item
             finally:
                 self._hooks[kind].remove(item)
 
@@ -272,10 +290,14 @@ class HeadModel:
     def hook_module(self, module: torch.nn.Module, hook: Callable, *, pre: bool = False,
                     with_kwargs: bool = False) -> Iterator[None]:
         """A plain torch forward hook (``pre``: forward pre-hook) on any module of the model, kept in the
-        hook table: removed on exit, also after an exception, or when the last probe or edit closes."""
-        with self._hooked():
+        hook table: removed on exit, also after an exception, or when the last probe or edit closes.
+        Like every entry of the table, it is called only where it was opened (headscope.scope)."""
+        with self._hooked(), scope.opened(self._open, "module", hook) as record:
+            def scoped(*args, **kwargs):
+                return hook(*args, **kwargs) if self._mine() and scope.active([record]) else None
+
             register = module.register_forward_pre_hook if pre else module.register_forward_hook
-            handle = register(hook, with_kwargs=with_kwargs)
+            handle = register(scoped, with_kwargs=with_kwargs)
             self._hooks["module"].append(handle)
             try:
                 yield
@@ -289,20 +311,21 @@ class HeadModel:
         def handler(module, query, key, value, mask, scaling, **kwargs):
             if not self._mine():
                 return None
+            now = self._applying()
             n_q, n_k = query.shape[2], key.shape[2]
             partner = self._rows_from.get(layer)  # cross-attention rows are its decoder block's rows
             start = self._positions[partner].start if partner in self._positions else n_k - n_q
             self._positions[layer] = range(start, start + n_q)  # absolute rows of this call
-            for tap in self._hooks["attention_tap"]:  # read-only observers (headscope.cache)
+            for tap in now.get("attention_tap", ()):  # read-only observers (headscope.cache)
                 tap(layer, query, key, value, mask, scaling, module, kwargs)
-            scales = [s for l_, s in self._hooks["q_scale"] if l_ == layer]
+            scales = [s for l_, s in now.get("q_scale", ()) if l_ == layer]
             for s in scales:  # [H], [B, H] per batch row, or fn(positions) -> [H], [B, H] or [B, H, rows, 1]
                 s = s(self._positions[layer]) if callable(s) else s
                 s = s.to(device=query.device, dtype=query.dtype)
                 query = query * (s.view(1, -1, 1, 1) if s.dim() == 1 else s if s.dim() == 4 else s.view(*s.shape, 1, 1))
-            request = self._stats
+            request = now.get("stats", [None])[0]
             if request is None or layer not in request.layers:
-                for edit in self._hooks["attention_edit"]:
+                for edit in now.get("attention_edit", ()):
                     out = edit(layer, module, query, key, value, mask, scaling, **kwargs)
                     if out is not None:
                         return out
@@ -314,7 +337,7 @@ class HeadModel:
 
     def _block_hook(self, layer: int):
         def hook(module, args, kwargs):
-            watchers = self._hooks["residual"]
+            watchers = self._applying().get("residual")
             if watchers:
                 hidden = residual_input(args, kwargs)
                 for watch in watchers:
@@ -324,7 +347,7 @@ class HeadModel:
         return hook
 
     def _input_hook(self, module, args, kwargs):
-        watchers = self._hooks["input"]
+        watchers = self._applying().get("input")
         if watchers:
             inputs = dict(kwargs, input_ids=args[0]) if args else kwargs
             for watch in watchers:
@@ -333,10 +356,11 @@ class HeadModel:
 
     def _out_proj_hook(self, layer: int):
         g = self.geometry
-        edits, captures = self._hooks["z_edit"], self._hooks["z_capture"]
 
         def hook(module, args):
-            if (not edits and not captures) or not self._mine():
+            now = self._applying()
+            edits, captures = now.get("z_edit"), now.get("z_capture", ())
+            if not edits and not captures:
                 return None
             z = args[0]
             zh = z.view(*z.shape[:-1], g.n_heads, g.head_dim)
@@ -387,7 +411,8 @@ class HeadModel:
                                        self.geometry.n_layers)
         self._stats = request
         try:
-            yield StatsRecording(request, self.geometry.n_layers)
+            with scope.opened(self._open, "stats", request):
+                yield StatsRecording(request, self.geometry.n_layers)
         finally:
             self._stats = None
         probes.check_recorded(request, type(self.model).__name__)

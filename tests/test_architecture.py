@@ -28,6 +28,7 @@ LAZY_FOR_IMPORT_TIME = {
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("headscope.errors", "headscope.io", "headscope.controls", "headscope.heads", "headscope.organisms", "headscope.progress",
               "headscope.published",
+              "headscope.scope",  # where an open probe or edit applies (contextvars), under the model
               "headscope.validate", "headscope.data", "headscope.plots", "headscope.remote", "headscope_kernels")},
     {"hf / results": ("headscope.hf", "headscope.scores"),
      # the two registries import only errors: sharding (below the analyzers) looks up joins in one

@@ -55,7 +55,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from headscope import remote
+from headscope import remote, scope
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads, head_masks
 from headscope.interventions import registry
@@ -239,13 +239,14 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, dict[int, torch.
 @torch.no_grad()
 def source_z(hm, kind: str, source: list[list[int]], pad_id: int | None = None) -> dict[int, torch.Tensor]:
     """Per layer: mean z [H, d] over the reference rows and positions (mean), or z [B, S, H, d] (patch).
-    Computed once per (model, source) and cached."""
+    Computed once per (model, source) and cached, from the unedited model: every probe and edit open
+    when it is first needed is suspended for the reference run (``headscope.scope.suspended``)."""
     cache = _CACHE.setdefault(hm.model, {})
     key = (kind, hashlib.sha1(json.dumps(source).encode()).hexdigest())
     if key not in cache:
         ids = torch.tensor(source, device=hm.device)
         mask = torch.ones_like(ids) if pad_id is None else (ids != pad_id).long()
-        with hm.capture_z() as cap:
+        with scope.suspended(), hm.capture_z() as cap:
             hm.model(input_ids=ids, attention_mask=mask)
         if kind == "mean":
             w = mask.to(cap.z[0].dtype).view(*mask.shape, 1, 1)
@@ -338,6 +339,9 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
     Each edit's kind (the registry) prepares it before any hook is installed (reference
     activations, shape checks), then installs its hooks through HeadModel's context managers, so
     they are removed on exit, also after an exception. ``pad_id``: padding in mean-edit reference rows.
+    The edits apply where the block was opened (its thread and asyncio task; in a generator's body,
+    the generator's own forward passes only: headscope.scope); mean and patch reference activations
+    are computed from the unedited model, whatever else is open.
     """
     edits = [edits] if isinstance(edits, Edit) else list(edits)
     for e in edits:
