@@ -33,6 +33,7 @@ import transformers
 
 from headscope.interventions.kinds.kv_compress import full_heads_from_scores, kv_group_scores
 from headscope.io import write_whole
+from headscope.provenance import weights_sha256
 from headscope.published import DUO_TSV, FORMATS, check_format, published_format, read_file, read_grid, sidecar_of
 from headscope.scores import HeadScores
 
@@ -41,28 +42,6 @@ __all__ = ["FORMATS", "DUO_TSV", "published_format", "read_file", "read_scores",
 
 
 # ------------------------------------------------------------------------------- provenance
-def weights_sha256(model: torch.nn.Module) -> str | None:
-    """SHA-256 over the model's parameters and buffers (names, dtypes, shapes and bytes, by name).
-    Weights offloaded by a device map (meta tensors here) are hashed from the model folder's weight
-    files instead, as ``files:<sha256>``; None when neither is readable."""
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    if any(t.is_meta for t in state.values()):
-        folder = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "")))
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-        for path in files:
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(chunk)
-        return f"files:{digest.hexdigest()}" if files else None
-    for name, tensor in sorted(state.items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def provenance(hm, *, task: str | None = None, prompt_set_sha256: str | None = None, seed: int | None = None) -> dict:
     """What a head-score file was computed with."""
     return {"model": hm.name, "weights_sha256": weights_sha256(hm.model),

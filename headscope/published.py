@@ -133,7 +133,9 @@ def read_grid(path, grid: tuple[int, int] | None = None, n_kv_heads: int | None 
     side = sidecar_of(Path(path))
     if side.exists():
         meta = read_json(side, "head-score sidecar", "it is written by headscope export")
-        model = meta.get("provenance", {}).get("model", "")
+        prov = meta.get("provenance") if isinstance(meta, dict) else None
+        if isinstance(prov, dict):  # what the file was made from (model, weights hash): checked by its readers
+            model, params = str(prov.get("model") or ""), {**params, "provenance": prov}
     if grid is None:
         return scores, method, model, params
     n_layers, n_heads = int(grid[0]), int(grid[1])

@@ -25,6 +25,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import EXAMPLES, format_heads, parse_heads
 from headscope.io import write_whole
 from headscope.plots import Figure
+from headscope.provenance import check_scores_for
 from headscope.published import published_format, read_grid
 from headscope.validate import check_output, read_json, read_text
 
@@ -81,11 +82,13 @@ class HeadScores:
 
     # ------------------------------------------------------------------ files
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write the ranking CSV and its JSON sidecar, each whole (temp file + rename).
+        """Write the ranking CSV and its JSON sidecar as one unit (each file whole: temp file + rename).
 
-        The sidecar goes first and carries the CSV's SHA-256, so a run killed between the two
-        renames leaves a sidecar that no longer matches the old CSV: reading that pair is an error,
-        never old metadata silently attached to a new ranking (or the reverse).
+        The sidecar carries the CSV's SHA-256. It is written first, holding also the pair it replaces
+        (``previous``: the old sidecar, whose hash names the old CSV), then the CSV, then the sidecar
+        again without ``previous``. A run killed at any point leaves a pair that reads as the old
+        ranking or the new one (:func:`read_ranking`), never a mix; the next write removes the temp
+        files a killed one left.
         """
         path = check_ranking_path(path)
         text = self.to_frame().to_csv(index=False)
@@ -96,18 +99,38 @@ class HeadScores:
             "shape": [self.n_layers, self.n_heads],
             "csv_sha256": hashlib.sha256(text.encode()).hexdigest(),
         }
-        write_whole(sidecar_path(path), json.dumps(meta, indent=2, default=_jsonable) + "\n")
+        side = sidecar_path(path)
+        for leftover in (*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{side.name}.*.tmp")):
+            leftover.unlink(missing_ok=True)  # a killed write's temp file (headscope.io.write_whole)
+        previous = _current_pair(path)
+        body = json.dumps(meta, indent=2, default=_jsonable) + "\n"
+        if previous is not None:
+            write_whole(side, json.dumps({**meta, "previous": previous}, indent=2, default=_jsonable) + "\n")
+        else:
+            write_whole(side, body)
         write_whole(path, text)
+        if previous is not None:
+            write_whole(side, body)
         return path
 
     @classmethod
-    def from_csv(cls, path: str | os.PathLike, grid: tuple[int, int] | None = None) -> "HeadScores":
+    def from_csv(cls, path: str | os.PathLike, grid: tuple[int, int] | None = None, *, model=None,
+                 force: bool = False) -> "HeadScores":
         """Read a ranking CSV (columns layer, head, score) and its sidecar (see :func:`read_ranking`).
 
         ``grid`` = (layers, heads) of the model the ranking is for: needed when the CSV has no
         sidecar (the grid is never guessed from the largest indices), checked against it otherwise.
+        ``model``: the HeadModel it will be used with; a ranking recorded as made for another model
+        (weights hash, else name) is an error unless ``force`` (headscope.provenance.check_scores_for).
         A DuoAttention / Retrieval_Head / QRHead file (:mod:`headscope.published`) reads as well.
         """
+        scores = cls._read_csv(path, grid)
+        if model is not None:
+            check_scores_for(model, scores, f"ranking {path}", force)
+        return scores
+
+    @classmethod
+    def _read_csv(cls, path, grid) -> "HeadScores":
         if published_format(path):
             return cls(*read_grid(path, grid))
         rows, meta = read_ranking(path)
@@ -271,6 +294,9 @@ def _read_sidecar(path: Path, text: str) -> dict:
     meta = read_json(side, "ranking sidecar", fix)
     if not isinstance(meta, dict):
         raise HeadscopeError(f"ranking sidecar {side} must be a JSON object; got {type(meta).__name__}. {fix}")
+    actual, previous = hashlib.sha256(text.encode()).hexdigest(), meta.pop("previous", None)
+    if meta.get("csv_sha256") != actual and isinstance(previous, dict) and previous.get("csv_sha256") == actual:
+        meta = previous  # a write (HeadScores.to_csv) stopped before the CSV was replaced: the old pair holds
     shape = meta.get("shape")
     if shape is not None and not (isinstance(shape, list) and len(shape) == 2
                                   and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)):
@@ -279,10 +305,23 @@ def _read_sidecar(path: Path, text: str) -> dict:
         if key in meta and not isinstance(meta[key], kind):
             raise HeadscopeError(f"ranking sidecar {side}: {key} must be a {kind.__name__}; got {meta[key]!r}")
     digest = meta.get("csv_sha256")
-    if digest is not None and digest != hashlib.sha256(text.encode()).hexdigest():
+    if digest is not None and digest != actual:
         raise HeadscopeError(f"ranking sidecar {side} does not match {path.name} (the CSV changed after the sidecar "
                              f"was written, or a run stopped between writing the two); {fix}")
     return meta
+
+
+def _current_pair(path: Path) -> dict | None:
+    """The sidecar metadata of the ranking now at ``path`` (with its CSV's hash), to be kept as the
+    ``previous`` pair while a new one replaces it; None when there is no CSV or it does not read."""
+    try:
+        if not path.is_file():
+            return None
+        text = read_text(path, "ranking file")
+        meta = _read_sidecar(path, text)
+    except (OSError, HeadscopeError):
+        return None
+    return {**meta, "csv_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def _jsonable(obj):
@@ -297,16 +336,18 @@ def _jsonable(obj):
 
 # ------------------------------------------------------------------------------ heads named on a command line
 def select_heads(*, names: str | None = None, ranking: str | None = None, top: int | None = None,
-                 option: str = "--ablate", grid: tuple[int, int] | None = None) -> tuple[list[Head], str]:
+                 option: str = "--ablate", grid: tuple[int, int] | None = None, model=None,
+                 force: bool = False) -> tuple[list[Head], str]:
     """The heads a command line names: ``--heads NAMES`` or a ranking CSV's ``--top K`` (read on
-    ``grid`` = the model's (layers, heads) when given).
+    ``grid`` = the model's (layers, heads) when given; made for ``model`` unless ``force``: see
+    :meth:`HeadScores.from_csv`).
 
     Returns the heads and how they were chosen, for the printed line (``the top 3 heads of r.csv``).
     """
     check_selection(names=names, ranking=ranking, top=top, option=option)
     if names:
         return parse_heads(names), "heads"
-    return HeadScores.from_csv(ranking, grid=grid).top(top), f"the top {top} heads of {ranking}"
+    return HeadScores.from_csv(ranking, grid=grid, model=model, force=force).top(top), f"the top {top} heads of {ranking}"
 
 
 def check_selection(*, names: str | None, ranking: str | None, top: int | None, option: str) -> None:

@@ -7,7 +7,12 @@ it keeps is computed by the same operations on the same batch as in the unsharde
 then replays the unsharded run's final arithmetic (Ships' query counts, the needle grid's running
 sum), which makes the merged ranking bit-identical to one unsharded run.
 
-Parts are written whole (temp file + rename): a crashed job leaves no half-written part.
+Parts are written whole (temp file + rename): a crashed job leaves no half-written part. Each part
+records a fingerprint of its run (``score --shard``: headscope.provenance.run_fingerprint: model and
+weights hash, task, every task option and input file's hash, dtype, batch size, shard count); the
+merge refuses parts that differ in any of it, in their method or parameters, that repeat a shard or
+leave one out, or that claim the same head or trial twice. ``force`` merges parts made with different
+models (weights hashes) anyway; how the sweep was split is never overridden.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from headscope.analyzers import registry
 from headscope.errors import HeadscopeError
 from headscope.io import write_whole
+from headscope.provenance import MODEL_FIELDS
 from headscope.scores import HeadScores
 
 PART_FORMAT = "headscope-part/1"
@@ -78,6 +84,7 @@ class Part:
     scores: torch.Tensor
     heads: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)  # what made it (headscope.provenance.run_fingerprint)
 
 
 def as_part(scores: HeadScores, shard: Shard | None, heads=(), **extra):
@@ -88,13 +95,15 @@ def as_part(scores: HeadScores, shard: Shard | None, heads=(), **extra):
     return Part(scores.method, scores.model, scores.params, shard, scores.scores, sorted(heads), extra)
 
 
-def write_part(part: Part, path: str | os.PathLike) -> Path:
-    """Write a sharded sweep's :class:`Part`, whole (temp file + rename)."""
+def write_part(part: Part, path: str | os.PathLike, fingerprint: dict | None = None) -> Path:
+    """Write a sharded sweep's :class:`Part`, whole (temp file + rename). ``fingerprint``: what made
+    it (plain JSON values; replaces the part's own), compared field by field by :func:`merge`."""
     if not isinstance(part, Part):
         raise HeadscopeError(f"{getattr(part, 'method', type(part).__name__)} is not a shard's part; run the sweep "
                              "with shard=Shard(I, N)")
     data = {"format": PART_FORMAT, "method": part.method, "model": part.model, "params": part.params,
-            "shard": (part.shard.index, part.shard.count), "scores": part.scores, "heads": part.heads, **part.extra}
+            "shard": (part.shard.index, part.shard.count), "scores": part.scores, "heads": part.heads,
+            "fingerprint": part.fingerprint if fingerprint is None else fingerprint, **part.extra}
     return write_whole(path, lambda tmp: torch.save(data, tmp))
 
 
@@ -107,31 +116,77 @@ def _read_part(path) -> Part:
         raise HeadscopeError(f"{path} is not a headscope part ({type(exc).__name__}); write parts with --shard I/N") from None
     if not isinstance(data, dict) or data.get("format") != PART_FORMAT:
         raise HeadscopeError(f"{path} is not a headscope part (format {PART_FORMAT})")
-    known = ("format", "method", "model", "params", "shard", "scores", "heads")
+    known = ("format", "method", "model", "params", "shard", "scores", "heads", "fingerprint")
     return Part(data["method"], data["model"], data["params"], Shard(*data["shard"]), data["scores"],
-                [tuple(h) for h in data["heads"]], {k: v for k, v in data.items() if k not in known})
+                [tuple(h) for h in data["heads"]], {k: v for k, v in data.items() if k not in known},
+                data.get("fingerprint") or {})
 
 
-def merge(paths: Sequence[str | os.PathLike]) -> HeadScores:
+def merge(paths: Sequence[str | os.PathLike], force: bool = False) -> HeadScores:
     """Join the parts of one sharded sweep into the HeadScores one unsharded run gives: the
-    analyzer's registered ``join``, else each head's value from the part that owns it."""
+    analyzer's registered ``join``, else each head's value from the part that owns it.
+
+    Parts of another run (any field of :func:`identity` differs), a shard given twice or missing,
+    and a head claimed by two parts are errors. ``force``: merge parts made with different models."""
     if not paths:
         raise HeadscopeError("merge needs the part files of one sharded run")
     parts = [_read_part(p) for p in paths]
-    first = parts[0]
+    first = identity(parts[0])
+    for p, part in zip(paths[1:], parts[1:]):
+        mine = identity(part)
+        for key in list(first) + [k for k in mine if k not in first]:
+            if first.get(key) == mine.get(key) or (force and key in MODEL_FIELDS):
+                continue
+            if key == "model" and first.get("weights_sha256") and first["weights_sha256"] == mine.get("weights_sha256"):
+                continue  # one model by two names (an organism's name, its folder)
+            fix = ("the parts were made with different models: re-run them with one, or pass --force to merge them "
+                   "anyway") if key in MODEL_FIELDS else ("re-run it with the same command as the other parts (only "
+                                                          "--shard I/N differs between parts)")
+            raise HeadscopeError(f"{p} comes from another run: it differs from {paths[0]} in {key} "
+                                 f"({_shown(mine.get(key))} vs {_shown(first.get(key))}); {fix}")
+    count = parts[0].shard.count
+    seen: dict[int, str] = {}
     for p, part in zip(paths, parts):
-        for key in ("method", "model", "params"):
-            if getattr(part, key) != getattr(first, key):
-                raise HeadscopeError(f"{p} comes from another run: its {key} {getattr(part, key)!r} differs from "
-                                     f"{paths[0]}'s {getattr(first, key)!r}")
-    count = first.shard.count
-    indices = sorted(part.shard.index for part in parts)
-    if any(part.shard.count != count for part in parts) or indices != list(range(count)):
-        raise HeadscopeError(f"merge needs each of the {count} shards exactly once; got shards "
-                             f"{sorted((p.shard.index, p.shard.count) for p in parts)}")
+        if part.shard.count != count:
+            raise HeadscopeError(f"{p} is shard {part.shard} but {paths[0]} is shard {parts[0].shard}: merge needs "
+                                 f"each of the {count} shards exactly once, from one run")
+        if part.shard.index in seen:
+            raise HeadscopeError(f"{seen[part.shard.index]} and {p} are both shard {part.shard}: merge needs each of "
+                                 f"the {count} shards exactly once; give each part once")
+        seen[part.shard.index] = str(p)
+    missing = [f"{i}/{count}" for i in range(count) if i not in seen]
+    if missing:
+        raise HeadscopeError(f"merge needs each of the {count} shards exactly once; shard(s) {', '.join(missing)} "
+                             "missing: run them (score ... --shard I/N) and pass every part")
+    owners: dict = {}
+    for p, part in zip(paths, parts):
+        for head in part.heads:
+            if head in owners:
+                raise HeadscopeError(f"{owners[head]} and {p} both scored head {head}: parts of one sweep own disjoint "
+                                     "heads; re-run them with the same command (only --shard I/N differs)")
+            owners[head] = p
     parts.sort(key=lambda part: part.shard.index)
-    analyzer = registry.get(first.method)
+    analyzer = registry.get(parts[0].method)
     return (analyzer.join if analyzer is not None and analyzer.join else join_heads)(parts)
+
+
+def identity(part: Part) -> dict:
+    """What must be equal in every part of one sweep: the fingerprint's fields (``model``,
+    ``weights_sha256``, ``batch_size``, ``--lengths`` ...), the method, and each parameter the sweep
+    recorded (``params.trials`` ...; its provenance's model fields count as ``model`` and ``weights_sha256``)."""
+    params = dict(part.params)
+    prov = params.pop("provenance", None)
+    fields = {**part.fingerprint, "method": part.method, "model": part.model}
+    if isinstance(prov, dict):
+        fields.setdefault("weights_sha256", prov.get("weights_sha256"))
+        fields.update({f"provenance.{k}": v for k, v in prov.items() if k not in MODEL_FIELDS})
+    fields.update({f"params.{k}": v for k, v in params.items()})
+    return fields
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def join_heads(parts: Sequence[Part]) -> HeadScores:

@@ -27,7 +27,7 @@ LAZY_FOR_IMPORT_TIME = {
 # one floor are siblings and do not import each other.
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"base": ("headscope.errors", "headscope.io", "headscope.controls", "headscope.heads", "headscope.organisms", "headscope.progress",
-              "headscope.published",
+              "headscope.published", "headscope.provenance",
               "headscope.scope",  # where an open probe or edit applies (contextvars), under the model
               "headscope.validate", "headscope.data", "headscope.plots", "headscope.remote", "headscope_kernels")},
     {"hf / results": ("headscope.hf", "headscope.scores"),

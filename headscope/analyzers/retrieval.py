@@ -311,6 +311,10 @@ def join_trials(parts: Sequence[Part]) -> HeadScores:
     """``headscope merge`` of needle-grid parts: every part's trial runs back in the unsharded run's
     order, summed as it sums them (:func:`retrieval_result`)."""
     runs = sorted((batch, k, trial, value) for part in parts for k, (batch, trial, value) in enumerate(part.extra["runs"]))
+    if sorted(trial for _, _, trial, _ in runs) != list(range(parts[0].params["trials"])):
+        raise HeadscopeError(f"the parts' trials do not make up the {parts[0].params['trials']} trials of one run once "
+                             "each (parts of runs with another batch size or grid); re-run them with one command "
+                             "(only --shard I/N differs)")
     return retrieval_result([(trial, value) for _, _, trial, value in runs], parts[0].model, parts[0].params)
 
 

@@ -101,9 +101,10 @@ def check_edit_heads(args, mode: str) -> None:
 
 def edit_heads(args, hm, mode: str):
     """The heads ``--MODE --heads NAMES`` or ``--MODE CSV --top K`` names, checked against the model
-    (a ranking CSV is read on the model's grid)."""
+    (a ranking CSV is read on the model's grid, and must be made for this model unless --force)."""
     if args.heads:
         return hm.check_heads(args.heads), "heads"
     grid = (hm.geometry.n_layers, hm.geometry.n_heads)
-    heads, how = select_heads(ranking=getattr(args, mode) or None, top=args.top, option="--" + mode, grid=grid)
+    heads, how = select_heads(ranking=getattr(args, mode) or None, top=args.top, option="--" + mode, grid=grid,
+                              model=hm, force=getattr(args, "force", False))
     return hm.check_heads(heads), how

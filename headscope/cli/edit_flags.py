@@ -50,6 +50,8 @@ def _has(parser: argparse.ArgumentParser, option: str) -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--edits, every kind's flags with their strength and option flags, and --top / --heads."""
     parser.add_argument("--edits", metavar="JSON", help="apply the edits in this file (written by save_edits)")
+    parser.add_argument("--force", action="store_true",
+                        help="use rankings and task embeddings made for another model (another weights hash) anyway")
     for kind, flag in flags():
         name = "--" + flag.name
         if flag.takes == "heads":

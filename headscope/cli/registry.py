@@ -6,7 +6,8 @@ A task module registers with the :func:`register_task` decorator on its ``add_ar
     def add_arguments(parser, command): ...     # its own options; command is "score" or "eval"
 
 and may define ``check(args)`` (read and validate its input files before the model loads),
-``score(args, hm) -> HeadScores`` (or a shard's Part, given ``args.shard``) and ``evaluate(args, hm)
+``score(args, hm) -> HeadScores`` (or a shard's Part, given ``args.shard``; then ``can_shard(args) ->
+bool`` says beforehand whether these options run sharded) and ``evaluate(args, hm)
 -> dict[str, float]`` (the metric(s), the last printed last; runs inside whatever intervention the
 eval flags set up). An analyzer registered with a ``default_model``
 (:mod:`headscope.analyzers.registry`) is a task too: ``score --task NAME`` with a flag per option.
@@ -50,6 +51,14 @@ class Task:
                 self.module.check(args)
             return
         options(self.analyzer, args)
+
+    def can_shard(self, args) -> bool:
+        """Whether ``score --shard I/N`` runs this task (with these options) sharded, known before the model
+        loads: a task module's ``can_shard(args)``; an analyzer task's score function is told the shard
+        and may return a part (checked after its run)."""
+        if self.module is not None:
+            return bool(getattr(self.module, "can_shard", lambda args: False)(args))
+        return True
 
     @property
     def score(self) -> Callable | None:

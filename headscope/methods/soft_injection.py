@@ -33,6 +33,7 @@ from headscope.hf.inputs import left_padded_positions
 from headscope.interventions.edits import Edit, intervene
 from headscope.interventions.kinds.inject import TaskEmbedding
 from headscope.model import HeadModel
+from headscope.provenance import weights_sha256
 from headscope.scores import HeadScores
 from headscope.tasks.icl import Batch, IclTask, PromptFormat, batches, encode
 from headscope.io import write_whole
@@ -87,7 +88,7 @@ def task_embedding(hm, task: IclTask, *, k: int = 10, n: int = 50, fmt: PromptFo
         total += torch.stack([cap.z[l][:, 0].double().sum(0).cpu() for l in range(g.n_layers)])
         bar.update(len(batch))
     bar.close()
-    meta = {"model": hm.name, "task": task.name, "k": k, "n": n, "template": fmt.to_dict(), "seed": seed,
+    meta = {"model": hm.name, "weights_sha256": weights_sha256(hm.model), "task": task.name, "k": k, "n": n, "template": fmt.to_dict(), "seed": seed,
             "split_seed": task.seed, "shape": [g.n_layers, g.n_heads, g.head_dim]}
     return TaskEmbedding((total / len(examples)).float(), meta)
 

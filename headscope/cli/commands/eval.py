@@ -133,4 +133,4 @@ def _excluded(args, hm=None) -> list:
         check_ranking(args.exclude, top)
         return []
     grid = (hm.geometry.n_layers, hm.geometry.n_heads)
-    return HeadScores.from_csv(args.exclude, grid=grid).top(top)
+    return HeadScores.from_csv(args.exclude, grid=grid, model=hm, force=args.force).top(top)

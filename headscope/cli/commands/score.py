@@ -9,6 +9,7 @@ from headscope.cli.common import load_model
 from headscope.formats import provenance_of_run
 from headscope.errors import HeadscopeError
 from headscope.heads import format_head
+from headscope.provenance import run_fingerprint
 from headscope.sharding import Part, Shard, write_part
 from headscope.validate import nonnegative_int
 
@@ -30,6 +31,9 @@ def run(args, task) -> int:
     args.shard = Shard.parse(args.shard)
     if args.shard is not None and not args.out:
         raise HeadscopeError("--shard I/N writes its part to --out PATH; give one path per shard")
+    if args.shard is not None and not task.can_shard(args):
+        raise HeadscopeError(f"--task {args.task}{_method(args)} does not run sharded; --shard applies to Ships, "
+                             "generalized Ships, activation / path patching and the needle task: drop --shard")
     hm = load_model(args)
     scores = task.score(args, hm)
     if args.out:  # what the scores were computed with (read by `headscope export`); each shard records the same
@@ -38,7 +42,7 @@ def run(args, task) -> int:
         if not isinstance(scores, Part):
             raise HeadscopeError(f"{scores.method} does not run sharded; --shard applies to Ships, generalized Ships, "
                                  "activation / path patching and the needle task")
-        write_part(scores, args.out)
+        write_part(scores, args.out, fingerprint=run_fingerprint(hm, args))
         print(f"wrote part {args.shard} of {scores.method} to {args.out}; join all parts with `headscope merge`")
         return 0
     frame = scores.to_frame()
@@ -51,3 +55,7 @@ def run(args, task) -> int:
         scores.to_csv(args.out)
         print(f"wrote {args.out} ({len(frame)} heads)")
     return 0
+
+
+def _method(args) -> str:
+    return f" --method {args.method}" if getattr(args, "method", None) else ""

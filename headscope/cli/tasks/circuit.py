@@ -48,6 +48,10 @@ def check(args) -> None:
         load_pairs(args.pairs)
 
 
+def can_shard(args) -> bool:
+    return args.method in ("activation", "path")  # attribution patching is one backward pass
+
+
 def score(args, hm):
     raw, generated = pairs(args)
     groups = encode_pairs(hm.tokenizer, raw, drop_mismatched=generated)

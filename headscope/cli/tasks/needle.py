@@ -70,6 +70,10 @@ def check(args) -> None:
         load_haystack(args.haystack)
 
 
+def can_shard(args) -> bool:
+    return True  # the needle grid shards over its trial batches
+
+
 def score(args, hm):
     grid = trials(args, hm)
     return retrieval_heads(hm, grid, **retrieval_options(args), shard=getattr(args, "shard", None))

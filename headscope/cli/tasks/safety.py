@@ -77,6 +77,10 @@ def _heads(text: str):
     return types.heads(text)
 
 
+def can_shard(args) -> bool:
+    return args.method in ("ships", "generalized-ships")  # Sahara's greedy search is one sequence
+
+
 def score(args, hm):
     qs = queries(args)
     heads = hm.check_heads(args.heads) if args.heads else None

@@ -19,6 +19,7 @@ from headscope.interventions import registry
 from headscope.interventions.edits import Edit, z_hook
 from headscope.scores import HeadScores
 from headscope.io import write_whole
+from headscope.provenance import check_made_for
 
 
 @dataclass
@@ -30,7 +31,9 @@ class TaskEmbedding:
     meta: dict = field(default_factory=dict)
     alphas: torch.Tensor | None = None
 
-    def check(self, hm) -> None:
+    def check(self, hm, force: bool = False) -> None:
+        """Made for ``hm``: its shape, and the model recorded in its header (weights hash, else name;
+        headscope.provenance.check_made_for) unless ``force``."""
         g = hm.geometry
         if tuple(self.vectors.shape) != (g.n_layers, g.n_heads, g.head_dim):
             raise HeadscopeError(
@@ -38,6 +41,9 @@ class TaskEmbedding:
                 f"[layers, heads, head_dim] = {list(self.vectors.shape)}; {hm.name} has "
                 f"[{g.n_layers}, {g.n_heads}, {g.head_dim}]; fit one for this model (headscope inject fit --model ...)"
             )
+        weights = self.meta.get("weights_sha256")
+        check_made_for(hm, "the task embedding", str(self.meta.get("model") or ""),
+                       weights if isinstance(weights, str) else None, force)
 
     def edit(self, alphas: torch.Tensor | float | None = None, heads=None) -> Edit:
         """The injection as an :class:`Edit` (last prompt token, prefill only). ``alphas``: [layers,
@@ -61,7 +67,9 @@ class TaskEmbedding:
         """The learned alphas as a HeadScores (rank, export, plot, overlap)."""
         if self.alphas is None:
             raise HeadscopeError("this task embedding has no learned alphas; fit them first")
-        params = {k: v for k, v in self.meta.items() if k not in ("model",)}
+        params = {k: v for k, v in self.meta.items() if k not in ("model", "weights_sha256")}
+        if self.meta.get("weights_sha256"):  # read back by check_scores_for, as a ranking's provenance
+            params["provenance"] = {"model": self.meta.get("model", ""), "weights_sha256": self.meta["weights_sha256"]}
         return HeadScores(self.alphas, "soft_injection_alpha", self.meta.get("model", ""), params)
 
     def save(self, path) -> Path:
@@ -119,7 +127,7 @@ def _check_file(args) -> None:
 
 def _build(args, hm, rng, heads) -> list[Edit]:
     emb = TaskEmbedding.load(args.inject)
-    emb.check(hm)
+    emb.check(hm, force=getattr(args, "force", False))
     return [emb.edit()]
 
 

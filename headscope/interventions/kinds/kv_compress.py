@@ -46,6 +46,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import same_layer_random_heads
 from headscope.interventions import registry
 from headscope.interventions.edits import Edit
+from headscope.provenance import check_scores_for
 from headscope.published import published_format, read_grid
 from headscope.scores import HeadScores, check_ranking
 
@@ -647,8 +648,12 @@ def _scores(args, hm) -> torch.Tensor:
     if args.kv_compress == RAZOR:
         return razor_scores(hm, seed=getattr(args, "seed", 0)).scores
     if published_format(args.kv_compress):  # a DuoAttention file is read at the KV-head level
-        return read_grid(args.kv_compress, (g.n_layers, g.n_heads), g.n_kv_heads, kv_level=True)[0]
-    return HeadScores.from_csv(args.kv_compress, grid=(g.n_layers, g.n_heads)).scores
+        scores, method, model, params = read_grid(args.kv_compress, (g.n_layers, g.n_heads), g.n_kv_heads, kv_level=True)
+        check_scores_for(hm, HeadScores(scores, method, model, params), f"ranking {args.kv_compress}",
+                         getattr(args, "force", False))
+        return scores
+    return HeadScores.from_csv(args.kv_compress, grid=(g.n_layers, g.n_heads), model=hm,
+                               force=getattr(args, "force", False)).scores
 
 
 def _shuffled(n: int, rng: random.Random) -> list[int]:

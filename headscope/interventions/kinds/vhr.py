@@ -197,7 +197,7 @@ def _build(args, hm, rng, heads) -> list[Edit]:
         if args.vhr_layers is not None:
             options["layers"] = list(args.vhr_layers)
         return [Edit("vhr", [], strength=alpha, options=options)]
-    scores = HeadScores.from_csv(args.vhr, grid=(g.n_layers, g.n_heads))
+    scores = HeadScores.from_csv(args.vhr, grid=(g.n_layers, g.n_heads), model=hm, force=getattr(args, "force", False))
     heads = hm.check_heads(select_heads(scores, args.vhr_layers))
     if not heads:
         raise HeadscopeError(f"{args.vhr} selects no heads (none above its layer median); check --vhr-layers")
