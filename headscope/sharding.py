@@ -12,6 +12,7 @@ Parts are written whole (temp file + rename): a crashed job leaves no half-writt
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -95,7 +96,9 @@ def write_part(part: Part, path: str | os.PathLike) -> Path:
                              "with shard=Shard(I, N)")
     data = {"format": PART_FORMAT, "method": part.method, "model": part.model, "params": part.params,
             "shard": (part.shard.index, part.shard.count), "scores": part.scores, "heads": part.heads, **part.extra}
-    return write_whole(path, lambda tmp: torch.save(data, tmp))
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return write_whole(path, buffer.getvalue())  # bytes: a full disk is an OSError, not torch's RuntimeError
 
 
 def _read_part(path) -> Part:

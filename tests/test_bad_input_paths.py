@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,32 @@ def test_legal_name_whose_temp_file_is_too_long(tmp_path):
     line = error_of(["export", tmp_path / "x.csv", "--format", "retrieval-head", "--out", tmp_path / export_name])
     assert "provenance sidecar" in line
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ writes the file system refuses
+def _limited_run(argv, cwd: Path, limit: int) -> subprocess.CompletedProcess:
+    """``headscope ARGV`` in a subprocess whose files may hold at most ``limit`` bytes (``ulimit -f``:
+    a full disk without root; Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "headscope.cli", *map(str, argv)], cwd=cwd, env=env,
+                          preexec_fn=cap, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("what, argv, out", [
+    ("safetensors embedding", [*FIT, "--out", "e.safetensors"], "e.safetensors"),
+    ("shard part", [*NEEDLE, "--depths", "0,50,100", "--shard", "0/2", "--out", "part.0"], "part.0"),
+])
+def test_binary_writes_past_the_file_size_limit(tmp_path, what, argv, out):
+    """safetensors and torch.save raise their own errors on a full disk; the file system's error
+    must come out as one line, with the old file intact and no temp file left."""
+    (tmp_path / out).write_bytes(b"the old file")
+    run = _limited_run(argv, tmp_path, limit=1024)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"error: cannot write {out}: File too large"), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out]  # no orphan temp file
+    assert (tmp_path / out).read_bytes() == b"the old file"

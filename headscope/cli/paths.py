@@ -50,7 +50,8 @@ def outputs(args) -> list[tuple[str, Path, str]]:
         ranking = dest == "scores" or (dest == "out" and args.command in ("score", "merge")
                                        and getattr(args, "shard", None) is None)
         if ranking:
-            found += [(f"{flag} {path}", path, "ranking"), (f"the sidecar of {flag} {path}", sidecar_path(path), "sidecar")]
+            found += [(f"{flag} {path}", path, "ranking"),
+                      (f"the sidecar of {flag} {path}", sidecar_path(path), "sidecar")]
         elif dest == "export_out":
             files = [path / DUO_TSV, path / "config.json"] if args.fmt == "duo" else [path]
             found += [(f"{flag} {path}", f, "file") for f in files]
