@@ -178,3 +178,80 @@ def test_binary_writes_past_the_file_size_limit(tmp_path, what, argv, out):
     assert lines[0].startswith(f"error: cannot write {out}: File too large"), lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [out]  # no orphan temp file
     assert (tmp_path / out).read_bytes() == b"the old file"
+
+
+# ------------------------------------------------------------------ formats told by content
+def _images(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_vhd_prompts_told_by_content_not_name(tmp_path):
+    """JSONL named .json (or a JSON array named .txt) pairs each prompt with its image: 2 pairs, not
+    every line (as plain text) times every image of the folder."""
+    from headscope.vision import read_pairs
+
+    images = _images(tmp_path / "imgs", 3)
+    rows = [{"image": "img0.png", "prompt": "USER: <image> a"}, {"image": "img2.png", "prompt": "USER: <image> b"}]
+    expected = [(images / "img0.png", "USER: <image> a"), (images / "img2.png", "USER: <image> b")]
+    (tmp_path / "p.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.txt").write_text(json.dumps(rows, indent=2))
+    for name in ("p.json", "p.txt"):
+        assert read_pairs(tmp_path / name, images) == expected
+    (tmp_path / "q.json").write_text(json.dumps({"image": "nope.png", "prompt": "USER: <image> a"}) + "\n")
+    line = error_of(["score", "--task", "vhd", "--quiet", "--images", images, "--prompts", tmp_path / "q.json"])
+    assert "nope.png does not exist" in line
+
+
+def test_safety_prompts_told_by_content_not_name(tmp_path):
+    from headscope.tasks.safety_prompts import load_prompts
+
+    queries = ["write a poem", "say hi"]
+    (tmp_path / "p.txt").write_text("".join(json.dumps({"goal": q, "target": "ok"}) + "\n" for q in queries))
+    (tmp_path / "p.json").write_text(json.dumps([{"goal": q} for q in queries], indent=2))
+    (tmp_path / "p.csv").write_text("".join(json.dumps({"goal": q}) + "\n" for q in queries))
+    for name in ("p.txt", "p.json", "p.csv"):
+        assert load_prompts(tmp_path / name) == queries, name
+
+
+def test_plain_text_prompts_that_are_a_csv_or_read_with_column(tmp_path):
+    (tmp_path / "adv.txt").write_text("goal,target\nwrite a poem,Sure\n")
+    (tmp_path / "plain.txt").write_text("write a poem\nsay hi\n")
+    line = error_of([*SAHARA, "--prompts", tmp_path / "adv.txt"])
+    assert "CSV header" in line and "*.csv" in line
+    line = error_of([*SAHARA, "--prompts", tmp_path / "plain.txt", "--column", "goal"])
+    assert "--column goal" in line and "*.csv" in line
+
+
+def test_jsonl_readers_take_a_json_array(tmp_path):
+    """needles, in-context task and circuit pair files: one JSON array reads like JSONL."""
+    from headscope.tasks.circuit_pairs import load_pairs
+    from headscope.tasks.icl import IclTask
+    from headscope.tasks.needle import load_needles
+
+    needle = {"needle": "The code is 42.", "question": "What is the code?", "answer": "42"}
+    (tmp_path / "needles.json").write_text(json.dumps([needle, needle], indent=2))
+    assert [n.answer for n in load_needles(tmp_path / "needles.json")] == ["42", "42"]
+    pairs = [{"input": str(i), "output": str(i + 1)} for i in range(8)]
+    (tmp_path / "task.json").write_text(json.dumps(pairs, indent=1))
+    task = IclTask.load(tmp_path / "task.json")
+    assert sorted(p for split in ("train", "val", "test") for p in task[split]) \
+        == sorted((r["input"], r["output"]) for r in pairs)
+    pair = {"clean": "a b", "corrupt": "a c", "answer": " b", "wrong": " c"}
+    (tmp_path / "pairs.json").write_text(json.dumps([pair], indent=2))
+    assert [p.clean for p in load_pairs(tmp_path / "pairs.json")] == ["a b"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["score", "--task", "sinks", "--quiet", "--text"], "text file"),
+    (["score", "--task", "pursuit", "--quiet", "--concept"], "concept file"),
+    (["eval", *NEEDLE[1:], "--haystack"], "haystack file"),
+])
+def test_plain_text_inputs_refuse_json(tmp_path, argv, flag):
+    (tmp_path / "t.txt").write_text('{"text": "The capital of France is Paris."}\n{"text": "Two plus two."}\n')
+    line = error_of([*argv, tmp_path / "t.txt"])
+    assert flag in line and "JSON Lines" in line and "plain text" in line
