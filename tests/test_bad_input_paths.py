@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from headscope import zoo
+from headscope.errors import HeadscopeError
 from headscope.scores import HeadScores
 from test_bad_input import run_case
 
@@ -105,7 +106,7 @@ def test_out_is_the_needles_file_by_other_spellings(tmp_path, monkeypatch):
     for out, given in (("n.csv", "./n.csv"), ("./sub/../n.csv", str(tmp_path / "n.csv")), ("link.csv", "n.csv"),
                        ("hard.csv", "n.csv")):
         line = error_of([*NEEDLE, "--out", out, "--needles", given])
-        assert "--out" in line and "--needles" in line and "replace the input" in line
+        assert "--out" in line and "--needles" in line and "overwrite the input" in line
     assert snapshot(tmp_path) == before
 
 
@@ -125,7 +126,7 @@ def test_out_is_an_input_of_each_kind(tmp_path):
     ]
     for argv, fragment in cases:
         line = error_of(argv)
-        assert "replace the input" in line and fragment in line, line
+        assert "overwrite the input" in line and fragment in line, line
     assert snapshot(tmp_path) == before
 
 
@@ -255,3 +256,20 @@ def test_plain_text_inputs_refuse_json(tmp_path, argv, flag):
     (tmp_path / "t.txt").write_text('{"text": "The capital of France is Paris."}\n{"text": "Two plus two."}\n')
     line = error_of([*argv, tmp_path / "t.txt"])
     assert flag in line and "JSON Lines" in line and "plain text" in line
+
+
+def test_ranking_files_whose_content_is_another_format(tmp_path):
+    """A ranking's format comes from its name: a file whose content is another format says which name to use."""
+    from headscope.scores import read_ranking
+
+    csv = ranking(tmp_path / "r.csv").read_text()
+    retrieval = json.dumps({f"{layer}-{head}": [1.0] for layer in range(4) for head in range(8)})
+    duo = "\n".join("\t".join(["1.0"] * 8) for _ in range(4)) + "\n"
+    cases = [("a.tsv", csv, "*.csv"), ("b.json", csv, "*.csv"), ("c.yaml", csv, "*.csv"),
+             ("d.csv", retrieval, "*.json"), ("e.csv", duo, "*.tsv"), ("f.csv", 'attn_head_set: "0-1"\n', "*.yaml")]
+    for name, content, fix in cases:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(HeadscopeError, match=r"rename it to \*\." + fix[2:]):
+            read_ranking(tmp_path / name)
+        line = error_of(["eval", *NEEDLE[1:], "--ablate", tmp_path / name, "--top", "2"])
+        assert "holds" in line and f"rename it to {fix}" in line

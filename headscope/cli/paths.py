@@ -160,7 +160,7 @@ def check(args) -> None:
         seen[key] = label
     for label, path in ins:
         if _key(path) in seen:
-            raise HeadscopeError(f"{seen[_key(path)]} is also {label}: writing it would replace the input; write to "
+            raise HeadscopeError(f"{seen[_key(path)]} is also {label}: writing it would overwrite the input; write to "
                                  "another path")
     for label, path, role in outs:
         check_name_length(path, label)
