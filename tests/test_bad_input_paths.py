@@ -130,6 +130,17 @@ def test_out_is_an_input_of_each_kind(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_out_is_a_file_of_the_local_model_folder(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(model)
+    line = error_of([*FIT, "--model", model, "--out", model / "model.safetensors"])
+    assert "--model folder" in line and "overwrite the input" in line
+    assert snapshot(model) == before
+
+
 # ------------------------------------------------------------------ names and folders
 @pytest.mark.parametrize("flag", ["--out", "--needles", "--haystack"])
 def test_empty_path_is_an_error(flag):

@@ -62,7 +62,8 @@ def outputs(args) -> list[tuple[str, Path, str]]:
 
 
 def inputs(args) -> list[tuple[str, Path]]:
-    """(label, path) of every input file the command reads (a ranking CSV's sidecar included)."""
+    """(label, path) of every input file the command reads (a ranking CSV's sidecar included, and
+    the files of a local --model folder)."""
     named = dict(INPUT_FLAGS)
     if args.command == "inject":
         named["task"] = "--task"  # inject fit's --task is a task file, score/eval's a task name
@@ -88,6 +89,9 @@ def inputs(args) -> list[tuple[str, Path]]:
             found.append((label, path))
             if path.suffix.lower() == ".csv":
                 found.append((f"the sidecar of {label}", sidecar_path(path)))
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and model and Path(model).is_dir():  # a local model folder: its files
+        found += [(f"{f.name} of the --model folder {model}", f) for f in sorted(Path(model).iterdir()) if f.is_file()]
     return found
 
 
