@@ -1,6 +1,6 @@
 """Every file a command reads or writes, checked together before any model is loaded.
 
-One table says which flags name files: the outputs (with the files each one writes beside it: a
+Two tables say which flags name files: the outputs (with the files each one writes beside it: a
 ranking CSV's ``.json`` sidecar, an export's ``.headscope.json``) and the inputs (with a ranking
 CSV's sidecar). :func:`check` refuses, each as a one-line error naming both flags:
 
