@@ -45,7 +45,8 @@ _NAMED = {"csv": "a headscope ranking CSV (*.csv)", "duo": "a DuoAttention TSV (
 
 
 def content_format(path) -> str | None:
-    """Which head-score format a file's first lines look like ("csv" or one of FORMATS), else None."""
+    """Which head-score format a file's first lines look like ("csv", one of FORMATS, or "sidecar":
+    a headscope ranking's metadata), else None."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             head = handle.read(65536)
@@ -55,7 +56,7 @@ def content_format(path) -> str | None:
     if not lines:
         return None
     if lines[0].startswith("{"):
-        return "retrieval-head"
+        return "sidecar" if '"csv_sha256"' in head else "retrieval-head"
     if "attn_head_set:" in head:
         return "qrhead"
     if {"layer", "head", "score"} <= {f.strip().strip('"') for f in lines[0].split(",")}:
@@ -75,6 +76,9 @@ def check_named(path) -> None:
     if not path.is_file():
         return
     named, held = published_format(path) or "csv", content_format(path)
+    if held == "sidecar":
+        raise HeadscopeError(f"{path} is the JSON sidecar of a headscope ranking; pass the ranking itself "
+                             f"({path.with_suffix('.csv')})")
     if held is not None and held != named:
         raise HeadscopeError(f"{path} is named like {_NAMED[named]} but holds {_NAMED[held]}; formats are told by "
                              f"the name: rename it to *{_NAMED[held].split('*')[1].rstrip(')')}")

@@ -284,3 +284,5 @@ def test_ranking_files_whose_content_is_another_format(tmp_path):
             read_ranking(tmp_path / name)
         line = error_of(["eval", *NEEDLE[1:], "--ablate", tmp_path / name, "--top", "2"])
         assert "holds" in line and f"rename it to {fix}" in line
+    line = error_of(["eval", *NEEDLE[1:], "--ablate", tmp_path / "r.json", "--top", "2"])  # the sidecar, not the CSV
+    assert "sidecar of a headscope ranking" in line and "r.csv" in line
