@@ -219,6 +219,21 @@ def test_vhd_prompts_told_by_content_not_name(tmp_path):
     assert "nope.png does not exist" in line
 
 
+def test_vhd_ranking_from_jsonl_prompts_named_json(tmp_path):
+    """End to end on the vision organism: its 16 JSONL prompts, copied to p.json, give the ranking
+    the same file named .jsonl gives (read as plain text they were 16 x 16 = 256 samples)."""
+    folder = zoo.organism_path("vision")
+    (tmp_path / "p.json").write_bytes((folder / "prompts.jsonl").read_bytes())
+    frames = []
+    for prompts, out in ((folder / "prompts.jsonl", "a.csv"), (tmp_path / "p.json", "b.csv")):
+        argv = ["score", "--task", "vhd", "--quiet", "--images", folder / "images", "--prompts", prompts,
+                "--out", tmp_path / out]
+        status, _, err = run_case([str(a) for a in argv], early=False)
+        assert status == 0, err
+        frames.append((tmp_path / out).read_text())
+    assert frames[0] == frames[1]
+
+
 def test_safety_prompts_told_by_content_not_name(tmp_path):
     from headscope.tasks.safety_prompts import load_prompts
 
