@@ -24,13 +24,43 @@ def dataset_path(name: str) -> Path:
     raise FileNotFoundError(f"shipped dataset {name!r} not found (is headscope installed with its datasets/?)")
 
 
+def json_kind(text: str) -> str | None:
+    """What a file holds, told by its content (never its name): ``"array"`` (one JSON array),
+    ``"lines"`` (JSONL: its first non-empty line opens a JSON object), else None (plain text)."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            if isinstance(json.loads(stripped), list):
+                return "array"
+        except json.JSONDecodeError:
+            pass
+    return "lines" if stripped.startswith("{") else None
+
+
+def read_plain(path, what: str, reads: str) -> str:
+    """The text of a plain-text input (``reads``: how it is read, e.g. "one text per line"); JSON
+    or JSONL content is refused, since read as plain text its lines would silently become texts."""
+    text = read_text(path, what)
+    kind = json_kind(text)
+    if kind is not None:
+        held = "a JSON array" if kind == "array" else "JSON Lines"
+        raise HeadscopeError(f"{what} {path} holds {held}, but it is read as plain text ({reads}); give a plain "
+                             "text file")
+    return text
+
+
 def read_jsonl(path, what: str, hint: str):
-    """Yield ``(line number, parsed value)`` for each non-empty line of a JSONL file.
+    """Yield ``(line number, parsed value)`` for each non-empty line of a JSONL file, or ``(item
+    number, value)`` for each item of a file holding one JSON array (told by content, whatever its name).
 
     ``what`` names the file in errors ("needles file"); ``hint`` says what a line should look like.
     """
     path = Path(path)
-    for lineno, line in enumerate(read_text(path, what).splitlines(), 1):
+    text = read_text(path, what)
+    if json_kind(text) == "array":
+        yield from enumerate(json.loads(text), 1)
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

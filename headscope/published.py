@@ -40,6 +40,50 @@ def published_format(path) -> str | None:
     return None
 
 
+_NAMED = {"csv": "a headscope ranking CSV (*.csv)", "duo": "a DuoAttention TSV (*.tsv)",
+          "retrieval-head": "a Retrieval_Head JSON (*.json)", "qrhead": "a QRHead YAML (*.yaml)"}
+
+
+def content_format(path) -> str | None:
+    """Which head-score format a file's first lines look like ("csv", one of FORMATS, or "sidecar":
+    a headscope ranking's metadata), else None."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(65536)
+    except OSError:
+        return None  # the reader says what is wrong
+    lines = [line.strip() for line in head.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return None
+    if lines[0].startswith("{"):
+        return "sidecar" if '"csv_sha256"' in head else "retrieval-head"
+    if "attn_head_set:" in head:
+        return "qrhead"
+    if {"layer", "head", "score"} <= {f.strip().strip('"') for f in lines[0].split(",")}:
+        return "csv"
+    try:
+        if "\t" in lines[0] or len(lines[0].split()) == 1:
+            [float(x) for x in lines[0].split("\t")]
+            return "duo"
+    except ValueError:
+        pass
+    return None
+
+
+def check_named(path) -> None:
+    """A head-score file whose content is another format than its name says: an error naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    named, held = published_format(path) or "csv", content_format(path)
+    if held == "sidecar":
+        raise HeadscopeError(f"{path} is the JSON sidecar of a headscope ranking; pass the ranking itself "
+                             f"({path.with_suffix('.csv')})")
+    if held is not None and held != named:
+        raise HeadscopeError(f"{path} is named like {_NAMED[named]} but holds {_NAMED[held]}; formats are told by "
+                             f"the name: rename it to *{_NAMED[held].split('*')[1].rstrip(')')}")
+
+
 def check_format(name: str) -> str:
     if name not in FORMATS:
         raise HeadscopeError(f"unknown head-score format {name!r}; choose one of {', '.join(FORMATS)}")
@@ -76,6 +120,7 @@ def _parse_head(text: str, path) -> tuple[int, int]:
 def read_file(path) -> tuple[torch.Tensor, str, dict]:
     """(scores [L, X], method, params) of a published file; X = query heads, or KV heads (duo)."""
     path = Path(path)
+    check_named(path)
     fmt = published_format(path)
     if fmt == "duo":
         tsv = path / DUO_TSV if path.is_dir() else path

@@ -26,7 +26,7 @@ from headscope.heads import EXAMPLES, format_heads, parse_heads
 from headscope.io import write_whole
 from headscope.plots import Figure
 from headscope.provenance import check_scores_for
-from headscope.published import published_format, read_grid
+from headscope.published import check_named, published_format, read_grid
 from headscope.validate import check_output, read_json, read_text
 
 Head = tuple[int, int]
@@ -229,6 +229,7 @@ def read_ranking(path) -> tuple[list[tuple[int, int, float]], dict]:
     if published_format(path):  # DuoAttention / Retrieval_Head / QRHead files (headscope.published)
         scores = read_grid(path)[0]
         return [(l, h, float(scores[l, h])) for l in range(scores.shape[0]) for h in range(scores.shape[1])], {}
+    check_named(path)  # e.g. a Retrieval_Head JSON named .csv: say so, not "lacks columns"
     text = read_text(path, "ranking file")
     lines = text.splitlines()
     reader = csv.reader(lines)

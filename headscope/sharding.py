@@ -17,6 +17,7 @@ models (weights hashes) anyway; how the sweep was split is never overridden.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -104,7 +105,9 @@ def write_part(part: Part, path: str | os.PathLike, fingerprint: dict | None = N
     data = {"format": PART_FORMAT, "method": part.method, "model": part.model, "params": part.params,
             "shard": (part.shard.index, part.shard.count), "scores": part.scores, "heads": part.heads,
             "fingerprint": part.fingerprint if fingerprint is None else fingerprint, **part.extra}
-    return write_whole(path, lambda tmp: torch.save(data, tmp))
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return write_whole(path, buffer.getvalue())  # bytes: a full disk is an OSError, not torch's RuntimeError
 
 
 def _read_part(path) -> Part:

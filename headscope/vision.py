@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from headscope.data import read_jsonl
+from headscope.data import json_kind, read_jsonl
 from headscope.errors import HeadscopeError
 from headscope.hf import inputs
 from headscope.hf.inputs import image_token_id
@@ -71,13 +71,15 @@ def image_files(folder: str | Path) -> list[Path]:
 
 
 def read_pairs(prompts_file: str | Path, images_dir: str | Path) -> list[tuple[Path, str]]:
-    """(image path, prompt) pairs: a JSONL file with ``prompt`` and ``image`` columns (image relative
-    to the folder), or plain text with one prompt per line, paired with every image of the folder."""
+    """(image path, prompt) pairs: JSONL (or a JSON array) of objects with ``prompt`` and ``image``
+    (image relative to the folder), or plain text with one prompt per line, paired with every image
+    of the folder. Which one is told by the content; a .json / .jsonl name must hold JSON."""
     path = Path(prompts_file)
-    lines = [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
+    text = read_text(path, "prompts file")
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise HeadscopeError(f"prompts file {path} is empty; give one prompt per line")
-    if path.suffix == ".jsonl":
+    if json_kind(text) is not None or path.suffix.lower() in (".json", ".jsonl"):
         pairs = []
         hint = 'each line should be {"image": "file.png", "prompt": "... <image> ..."}'
         for lineno, row in read_jsonl(path, "prompts file", hint):

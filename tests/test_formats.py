@@ -117,7 +117,7 @@ def test_export_cli_bad_format_before_loading(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "safetensors" in err and len(err.splitlines()) == 1
     assert main(["export", str(tmp_path / "r.csv"), "--format", "retrieval-head", "--out", str(tmp_path / "r.json")]) == 2
-    assert "overwrite the ranking or its sidecar" in capsys.readouterr().err
+    assert "sidecar of input" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

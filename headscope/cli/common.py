@@ -10,8 +10,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
 from headscope.scores import check_selection, select_heads
 from headscope.model import HeadModel
-from headscope.scores import check_ranking_path
-from headscope.validate import check_output, finite_float, positive_int
+from headscope.validate import finite_float, positive_int
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,19 +54,6 @@ def load_model(args) -> HeadModel:
     return HeadModel.load(args.model, device=args.device, dtype=args.dtype,
                           device_map=devices.parse_device_map(getattr(args, "device_map", None)),
                           max_memory=devices.parse_max_memory(getattr(args, "max_memory", None)))
-
-
-def check_outputs(args) -> None:
-    """Output paths checked before any model is loaded: ranking CSVs (``score --out``, ``--scores``)
-    with their sidecars, and every other file written (``--out``, ``--plot``, ``--state``)."""
-    for name in ("out", "scores", "plot", "state"):
-        path = getattr(args, name, None)
-        if not path:
-            continue
-        if name == "scores" or (name == "out" and args.command == "score"):
-            check_ranking_path(path)
-        else:
-            check_output(path, f"--{name} file")
 
 
 def edit_mode(args, modes: list[str]) -> str:

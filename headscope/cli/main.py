@@ -11,9 +11,9 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
-from headscope.cli import edit_flags, tasks as _builtin_tasks  # noqa: F401  registers the --task modules
+from headscope.cli import edit_flags, paths, tasks as _builtin_tasks  # noqa: F401  registers the --task modules
 from headscope.cli.commands import COMMANDS
-from headscope.cli.common import Parser, add_task_arguments, check_outputs, finite_floats
+from headscope.cli.common import Parser, add_task_arguments, finite_floats
 from headscope.cli.registry import tasks as registered_tasks
 from headscope.errors import HeadscopeError
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for arg in argv:
             _check_utf8(arg)
         args = build_parser(_peek_task(argv)).parse_args(argv)
-        check_outputs(args)
+        paths.check(args)
         edit_flags.check(args)
         module = next(m for m in COMMANDS if m.NAME == args.command)
         if getattr(module, "TASK", False):

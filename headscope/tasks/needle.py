@@ -16,9 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from headscope.data import dataset_path, read_jsonl
+from headscope.data import dataset_path, read_jsonl, read_plain
 from headscope.errors import HeadscopeError
-from headscope.validate import read_text
 
 DEFAULT_TEMPLATE = "Based on the content of the book, Question: {question}\nAnswer:"
 _CHAT_PLACEHOLDER = "\u2063HEADSCOPE_CONTEXT\u2063"
@@ -105,7 +104,7 @@ def _checked_needle(row: dict, where: str) -> Needle:
 def load_haystack(path: str | Path | None = None) -> list[str]:
     """Filler text split into sentences (the shipped default, or the user's own text file)."""
     path = Path(path) if path is not None else dataset_path("haystack.txt")
-    text = " ".join(read_text(path, "haystack file").split())
+    text = " ".join(read_plain(path, "haystack file", "filler sentences").split())
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
     if not sentences:
         raise HeadscopeError(f"haystack file {path} is empty; give a text file with filler sentences")

@@ -14,12 +14,13 @@ the model's chat template with ``template="chat"``, or any string with a ``{q}``
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
-from headscope.data import read_jsonl
+from headscope.data import json_kind, read_jsonl
 from headscope.errors import HeadscopeError
 from headscope.validate import read_text
 
@@ -44,7 +45,9 @@ def _pick_column(available: Sequence[str], column: str | None, path: Path) -> st
 
 
 def load_prompts(path: str | Path, column: str | None = None, limit: int | None = None) -> list[str]:
-    """Queries from a CSV, JSONL or one-per-line text file (format from the file suffix).
+    """Queries from a JSONL (or JSON array), CSV or one-per-line text file. JSON is told by the
+    content, whatever the name; a CSV by its .csv / .tsv name (a plain-text file whose first line is
+    a CSV header, or read with ``column``, is refused: name it .csv).
 
     ``column``: the CSV column / JSON field holding the query (default: the first of
     goal, Goal, prompt, query, instruction, question that exists). ``limit``: keep the first n.
@@ -52,6 +55,10 @@ def load_prompts(path: str | Path, column: str | None = None, limit: int | None 
     path = Path(path)
     text = read_text(path, "prompt file")
     suffix = path.suffix.lower()
+    if json_kind(text) is not None:
+        suffix = ".jsonl"
+    elif suffix not in (".csv", ".tsv", ".json", ".jsonl"):
+        _check_plain(text, column, path)
     if suffix in (".csv", ".tsv"):
         try:
             frame = pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
@@ -75,6 +82,18 @@ def load_prompts(path: str | Path, column: str | None = None, limit: int | None 
     if not queries:
         raise HeadscopeError(f"{path} holds no queries")
     return queries
+
+
+def _check_plain(text: str, column: str | None, path: Path) -> None:
+    """A one-query-per-line file must not be a CSV in disguise (its header would become a query)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    fields = [f.strip().strip('"') for f in re.split(r"[,\t]", first)]
+    header = len(fields) > 1 and any(f in (*DEFAULT_COLUMNS, column) for f in fields)
+    if header or column is not None:
+        raise HeadscopeError(f"{path} is read as plain text, one query per line"
+                             + (f", but its first line {first[:60]!r} is a CSV header" if header else
+                                f"; --column {column} picks a CSV column or JSON field")
+                             + "; name a CSV *.csv (tab-separated: *.tsv), JSON Lines *.jsonl")
 
 
 def format_prompt(query: str, tokenizer=None, template: str = "reference") -> str:

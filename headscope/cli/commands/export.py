@@ -17,8 +17,8 @@ from headscope import formats
 from headscope.errors import HeadscopeError
 from headscope.interventions.kinds.kv_compress import check_share, check_window
 from headscope.model import HeadModel
-from headscope.scores import HeadScores, read_ranking, sidecar_path
-from headscope.validate import check_output, positive_int
+from headscope.scores import HeadScores, read_ranking
+from headscope.validate import positive_int
 
 NAME = "export"
 HELP = "write a ranking as a DuoAttention, Retrieval_Head or QRHead file (with provenance)"
@@ -45,14 +45,8 @@ def run(args) -> int:
         check_share(args.full_share)
     check_window(args.sink, args.recent)
     out = Path(args.export_out)
-    if args.fmt == "duo":
-        if out.exists() and not out.is_dir():
-            raise HeadscopeError(f"--out {out} is a file; the duo format writes a folder (full_attention_heads.tsv, config.json)")
-        check_output(out / formats.DUO_TSV, "--out file")
-    else:
-        check_output(out, "--out file")
-    if out.resolve() in (Path(args.ranking).resolve(), sidecar_path(args.ranking).resolve()):
-        raise HeadscopeError(f"--out {out} would overwrite the ranking or its sidecar; write the export elsewhere")
+    if args.fmt == "duo" and out.exists() and not out.is_dir():  # the paths are checked by headscope.cli.paths
+        raise HeadscopeError(f"--out {out} is a file; the duo format writes a folder (full_attention_heads.tsv, config.json)")
     if formats.published_format(args.ranking):
         raise HeadscopeError(f"{args.ranking} is already a {formats.published_format(args.ranking)} file; export reads "
                              "a headscope ranking CSV")

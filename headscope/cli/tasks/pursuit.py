@@ -9,10 +9,11 @@ from headscope import zoo
 from headscope.analyzers import pursuit
 from headscope.cli.registry import register_task
 from headscope.cli.tasks.sinks import read_texts
+from headscope.data import read_plain
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
 from headscope.tasks.needle import load_haystack
-from headscope.validate import positive_int, read_text
+from headscope.validate import positive_int
 
 
 @register_task("pursuit", default_model="topics")
@@ -28,7 +29,7 @@ def add_arguments(parser, command: str) -> None:
 
 
 def check(args) -> None:
-    read_text(args.concept, "concept file")
+    read_plain(args.concept, "concept file", "one word per line")
     if args.text:
         read_texts(args.text)
 
@@ -36,7 +37,7 @@ def check(args) -> None:
 def score(args, hm):
     if hm.tokenizer is None:
         raise HeadscopeError(f"{args.model} has no tokenizer; head pursuit needs one for prompts and concept words")
-    words = [w.strip() for w in read_text(args.concept, "concept file").splitlines() if w.strip()]
+    words = [w.strip() for w in read_plain(args.concept, "concept file", "one word per line").splitlines() if w.strip()]
     concept = pursuit.concept_token_ids(hm.tokenizer, words)
 
     shipped = zoo.organism_info(args.model).get("prompts")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from headscope.analyzers import sinks
 from headscope.cli.registry import register_task
+from headscope.data import read_plain
 from headscope.errors import HeadscopeError
 from headscope.tasks.needle import load_haystack
-from headscope.validate import positive_int, read_text
+from headscope.validate import positive_int
 
 
 def read_texts(path: str | None, default_sentences: int = 8, default_texts: int = 4) -> list[str]:
@@ -19,7 +20,7 @@ def read_texts(path: str | None, default_sentences: int = 8, default_texts: int 
         sentences = load_haystack()
         return [" ".join(sentences[i : i + default_sentences])
                 for i in range(0, default_sentences * default_texts, default_sentences)]
-    texts = [line.strip() for line in read_text(path, "text file").splitlines() if line.strip()]
+    texts = [line.strip() for line in read_plain(path, "text file", "one text per line").splitlines() if line.strip()]
     if not texts:
         raise HeadscopeError(f"text file {path} is empty; give one text per line")
     return texts

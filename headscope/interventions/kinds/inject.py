@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from headscope.errors import HeadscopeError
 from headscope.interventions import registry
@@ -79,7 +79,7 @@ class TaskEmbedding:
         if self.alphas is not None:
             tensors["alphas"] = self.alphas.detach().contiguous().float().cpu()
         header = {k: json.dumps(v) for k, v in self.meta.items()}
-        return write_whole(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+        return write_whole(path, serialize(tensors, metadata=header))  # bytes: a full disk is an OSError
 
     @classmethod
     def load(cls, path) -> "TaskEmbedding":
