@@ -14,6 +14,7 @@ import json
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.validate import check_device
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
@@ -52,7 +53,28 @@ def parse_device_map(text: str | None):
     if not isinstance(mapping, dict):
         raise HeadscopeError(f"--device-map must be auto, balanced, balanced_low_0, sequential or a JSON object "
                              f"like '{{\"model.layers.0\": 0, \"model.layers.1\": 1}}'; got {text!r}")
+    for module, target in mapping.items():
+        check_target(target, f"--device-map {module!r}:")
     return mapping
+
+
+def check_target(target, option: str) -> None:
+    """A device_map / max_memory device that exists here: "cpu", "disk", an accelerator index (accelerate's
+    int) or a torch device string such as "cuda:0"; otherwise a one-line error before any weights load."""
+    if target in ("cpu", "disk"):
+        return
+    if isinstance(target, int) and not isinstance(target, bool):
+        available = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+        count = torch.accelerator.device_count() if available else 0
+        if not 0 <= target < count:
+            have = f"accelerators 0..{count - 1}" if count else "no accelerator (GPU)"
+            raise HeadscopeError(f"{option} device {target} does not exist: this machine has {have}; use "
+                                 + ("an index in that range, " if count else "") + "\"cpu\" or \"disk\"")
+        return
+    if not isinstance(target, str):
+        raise HeadscopeError(f"{option} device {target!r} must be \"cpu\", \"disk\", a device index or a device "
+                             "like \"cuda:0\"")
+    check_device(target, option)
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -66,5 +88,7 @@ def parse_max_memory(text: str | None) -> dict | None:
             raise HeadscopeError(f"--max-memory takes DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB; "
                                  f"got {text!r}")
         key = key.strip()
-        out[int(key) if key.isdigit() else key] = value.strip()
+        key = int(key) if key.isdigit() else key
+        check_target(key, "--max-memory")
+        out[key] = value.strip()
     return out
