@@ -38,6 +38,7 @@ CASES = [
     # ---- edits files: checked against the model before the first forward
     ("edits-zero-no-heads", [*GEN, "--edits", "{zero_empty}"], "zero edit needs at least one head", True),
     ("edits-scale-no-heads", [*GEN, "--edits", "{scale_empty}"], "scale edit needs at least one head", True),
+    ("edits-head-twice", [*GEN, "--edits", "{zero_twice}"], "L0H0 listed more than once", True),
     ("edits-patch-token-1e12", [*GEN, "--edits", "{patch_big_id}"],
      "patch edit: source token id 1000000000000 is outside this model's vocabulary (ids 0..", False),
     ("edits-mean-token-negative", [*GEN, "--edits", "{mean_negative_id}"],
@@ -106,6 +107,7 @@ def files(tmp_path_factory):
         f[name] = str(tmp / f"{name}.json")
 
     edits("zero_empty", [{"kind": "zero", "heads": []}])
+    edits("zero_twice", [{"kind": "zero", "heads": [[0, 0], "L0H0"]}])  # strength 1 + 1: z' = -z, not 0
     edits("scale_empty", [{"kind": "scale", "heads": [], "strength": 2.0}])
     edits("patch_big_id", [{"kind": "patch", "heads": [[0, 0]], "source": [[10 ** 12, 5]]}])
     edits("mean_negative_id", [{"kind": "mean", "heads": [[0, 0]], "source": [[5, -1]]}])

@@ -53,9 +53,15 @@ def parse_device_map(text: str | None):
     if not isinstance(mapping, dict):
         raise HeadscopeError(f"--device-map must be auto, balanced, balanced_low_0, sequential or a JSON object "
                              f"like '{{\"model.layers.0\": 0, \"model.layers.1\": 1}}'; got {text!r}")
-    for module, target in mapping.items():
-        check_target(target, f"--device-map {module!r}:")
     return mapping
+
+
+def check_devices(device_map, max_memory: dict | None) -> None:
+    """Every device a parsed ``--device-map`` / ``--max-memory`` names exists here (before any weights load)."""
+    for module, target in (device_map.items() if isinstance(device_map, dict) else ()):
+        check_target(target, f"--device-map {module!r}:")
+    for target in max_memory or ():
+        check_target(target, "--max-memory")
 
 
 def check_target(target, option: str) -> None:
@@ -88,7 +94,5 @@ def parse_max_memory(text: str | None) -> dict | None:
             raise HeadscopeError(f"--max-memory takes DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB; "
                                  f"got {text!r}")
         key = key.strip()
-        key = int(key) if key.isdigit() else key
-        check_target(key, "--max-memory")
-        out[key] = value.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
     return out

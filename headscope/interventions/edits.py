@@ -49,6 +49,7 @@ import json
 import operator
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -90,6 +91,10 @@ class Edit:
         kind = registry.get(self.kind)  # an alias ("ablate", "resample", ...) becomes its kind's name
         self.kind = kind.name
         self.heads = tuple(as_heads(self.heads))  # (layer, head) pairs or names: "L1H5, L1H4"
+        twice = sorted(h for h, n in Counter(self.heads).items() if n > 1)
+        if twice:
+            raise HeadscopeError(f"head(s) {format_heads(twice)} listed more than once in a {kind.label} edit (their "
+                                 "strengths would add up); list each head once")
         if kind.needs_heads and not self.heads:
             raise HeadscopeError(f"a {kind.label} edit needs at least one head; got an empty list, which would edit "
                                  "nothing (name the heads, e.g. [[1, 5]] or \"L1H5\")")
