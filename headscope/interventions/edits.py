@@ -59,6 +59,7 @@ import torch
 from headscope import remote
 from headscope.errors import HeadscopeError
 from headscope.heads import as_heads, format_heads, head_masks
+from headscope.hf.inputs import image_token_id
 from headscope.interventions import registry
 from headscope.io import write_whole
 from headscope.scores import HeadScores
@@ -388,9 +389,21 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
 def check_edits(hm, edits: Sequence[Edit]) -> None:
     """Each edit against ``hm`` (its kind's ``check_against``: heads, source, options), before any
     forward runs under it."""
-    shape = registry.ModelShape.of(hm)
+    shape = model_shape(hm)
     for e in edits:
         registry.get(e.kind).check_against(e, shape)
+
+
+def model_shape(hm) -> registry.ModelShape:
+    """The shape edits are checked against: the head grid, width, vocabulary (the input embedding
+    table's rows) and whether the model takes images."""
+    g, config = hm.geometry, hm.model.config
+    embeddings = hm.model.get_input_embeddings() if hasattr(hm.model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None:
+        vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size")
+    vision = hasattr(config, "vision_config") and image_token_id(config) is not None
+    return registry.ModelShape(g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.d_model, int(vocab), vision)
 
 
 def describe(edit: Edit) -> str:

@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
-from headscope.hf.inputs import image_token_id
 
 ENTRY_POINTS = "headscope.edit_kinds"
 
@@ -77,7 +76,8 @@ class CliFlag:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What an edit is checked against before the model's first forward under it."""
+    """What an edit is checked against before the model's first forward under it (a HeadModel's:
+    ``headscope.interventions.edits.model_shape``)."""
 
     n_layers: int
     n_heads: int
@@ -86,18 +86,6 @@ class ModelShape:
     d_model: int
     vocab_size: int
     vision: bool = False  # an image-text model (VAR and VHR need one: their apply says so otherwise)
-
-    @classmethod
-    def of(cls, hm) -> "ModelShape":
-        """The shape of a HeadModel (the vocabulary: its input embedding table's rows)."""
-        g = hm.geometry
-        config = hm.model.config
-        embeddings = hm.model.get_input_embeddings() if hasattr(hm.model, "get_input_embeddings") else None
-        vocab = getattr(embeddings, "num_embeddings", None)
-        if vocab is None:
-            vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size")
-        vision = hasattr(config, "vision_config") and image_token_id(config) is not None
-        return cls(g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.d_model, int(vocab), vision)
 
 
 @dataclass(frozen=True)
