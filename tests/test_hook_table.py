@@ -68,11 +68,12 @@ def test_intervene_mask_pre_hook_is_in_the_table(hm):
     ids = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with intervene(hm, Edit("zero", [(0, 1)], positions=(0, 2))):
-        assert len(hm._hooks["module"]) == 1
+        assert len(hm._hooks["module"]) == 2  # the mask pre-hook and the finite-logits check
         assert len(hm.model._forward_pre_hooks) == 1
         inferred = hm.model(ids, attention_mask=mask).logits
     with intervene(hm, Edit("zero", [(0, 1)], positions=(0, 2)), attention_mask=mask):
-        assert hm._hooks["module"] == []  # the mask was given: no pre-hook
+        assert len(hm._hooks["module"]) == 1  # the mask was given: no pre-hook, only the logits check
+        assert len(hm.model._forward_pre_hooks) == 0
         given = hm.model(ids, attention_mask=mask).logits
     assert torch.allclose(inferred, given)
     assert torch_hooks(hm.model) == 0
