@@ -152,23 +152,25 @@ def check_dtype(dtype):
     raise HeadscopeError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
 
 
-def check_device(device):
-    """A device torch can use here: CUDA / MPS / XPU only where available, an index that exists."""
+def check_device(device, option: str = "--device"):
+    """A device torch can use here: CUDA / MPS / XPU only where available, an index that exists
+    (``option``: how the error names where it came from)."""
     if device is None:
         return None
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
-        raise HeadscopeError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+        raise HeadscopeError(f"{option} {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
     if parsed.type == "cpu":
         return device
     backend = getattr(torch, parsed.type, None)
     if backend is None or not getattr(backend, "is_available", lambda: False)():
         name = "CUDA" if parsed.type == "cuda" else parsed.type
-        raise HeadscopeError(f"--device {device}: {name} is not available on this machine; use --device cpu")
+        raise HeadscopeError(f"{option} {device}: {name} is not available on this machine; use "
+                             + ("--device cpu" if option == "--device" else "cpu"))
     count = getattr(backend, "device_count", lambda: 1)()
     if parsed.index is not None and parsed.index >= count:
-        raise HeadscopeError(f"--device {device}: this machine has {count} {parsed.type} device(s) (0..{count - 1})")
+        raise HeadscopeError(f"{option} {device}: this machine has {count} {parsed.type} device(s) (0..{count - 1})")
     return device
 
 

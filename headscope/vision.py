@@ -9,7 +9,9 @@ never from a fixed position. Named key groups per prompt:
 - ``text_before_image``: real tokens before the first image token;
 - ``sinks``: from VAR's visual-sink test (``headscope.interventions.kinds.var``), not here.
 
-Images are read with PIL only (slow image processors; no torchvision needed)::
+Images are read with PIL only (slow image processors; no torchvision needed). An image of more than
+``MAX_IMAGE_PIXELS`` (8192 x 8192) pixels is refused from its header, before it is decoded (a
+decompression bomb: a small file that decodes to gigabytes)::
 
     batch = encode(hm, [load_image("cat.png")], ["USER: <image>\\nDescribe the image. ASSISTANT:"])
     groups = token_groups(hm, batch["input_ids"], batch["attention_mask"])
@@ -17,6 +19,7 @@ Images are read with PIL only (slow image processors; no torchvision needed)::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +33,7 @@ from headscope.hf.inputs import image_token_id
 from headscope.validate import read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused before decoding (vision towers resize to ~336 px)
 
 
 def is_vision_model(hm) -> bool:
@@ -53,11 +57,24 @@ def load_image(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise HeadscopeError(f"image {path} does not exist; pass a PNG or JPEG file")
+    too_big = (f"image {path} is larger than {MAX_IMAGE_PIXELS:,} pixels (8192 x 8192; headscope.vision."
+               "MAX_IMAGE_PIXELS), a possible decompression bomb; resize it")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit, from the header
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise HeadscopeError(too_big) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise HeadscopeError(f"cannot read image {path} ({type(exc).__name__}); pass a valid PNG or JPEG file") from None
+    with img:
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise HeadscopeError(too_big)
+        try:
+            return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise HeadscopeError(f"cannot read image {path} ({type(exc).__name__}); pass a valid PNG or JPEG "
+                                 "file") from None
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -51,9 +51,11 @@ def add_task_arguments(parser: argparse.ArgumentParser, tasks: dict, command: st
 
 def load_model(args) -> HeadModel:
     """The model named by --model (or the task's default organism) as a HeadModel."""
-    return HeadModel.load(args.model, device=args.device, dtype=args.dtype,
-                          device_map=devices.parse_device_map(getattr(args, "device_map", None)),
-                          max_memory=devices.parse_max_memory(getattr(args, "max_memory", None)))
+    device_map = devices.parse_device_map(getattr(args, "device_map", None))
+    max_memory = devices.parse_max_memory(getattr(args, "max_memory", None))
+    devices.check_devices(device_map, max_memory)
+    return HeadModel.load(args.model, device=args.device, dtype=args.dtype, device_map=device_map,
+                          max_memory=max_memory)
 
 
 def edit_mode(args, modes: list[str]) -> str:

@@ -90,12 +90,13 @@ def given(args, takes: tuple[str, ...] = ("switch", "file")) -> list[tuple[regis
 
 
 def probe(kind: registry.EditKind, flag: registry.CliFlag, args) -> None:
-    """The kind's checks on the flag's strength and options, run on an edit of no heads (no model needed)."""
+    """The kind's checks on the flag's strength and options, run on an edit of head L0H0 (every model
+    has it), or of no heads for kinds that choose their own (no model needed)."""
     if kind.source is not None:
         return
     strength = getattr(args, flag.strength.replace("-", "_")) if flag.strength else None
     options = {f.name: getattr(args, f"{flag.dest}_{f.name}") for f in kind.cli_options(flag)}
-    Edit(kind.name, [], strength=strength, options=options or None)
+    Edit(kind.name, [(0, 0)] if kind.needs_heads else [], strength=strength, options=options or None)
 
 
 def check(args) -> None:

@@ -14,6 +14,7 @@ import json
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.validate import check_device
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
@@ -53,6 +54,33 @@ def parse_device_map(text: str | None):
         raise HeadscopeError(f"--device-map must be auto, balanced, balanced_low_0, sequential or a JSON object "
                              f"like '{{\"model.layers.0\": 0, \"model.layers.1\": 1}}'; got {text!r}")
     return mapping
+
+
+def check_devices(device_map, max_memory: dict | None) -> None:
+    """Every device a parsed ``--device-map`` / ``--max-memory`` names exists here (before any weights load)."""
+    for module, target in (device_map.items() if isinstance(device_map, dict) else ()):
+        check_target(target, f"--device-map {module!r}:")
+    for target in max_memory or ():
+        check_target(target, "--max-memory")
+
+
+def check_target(target, option: str) -> None:
+    """A device_map / max_memory device that exists here: "cpu", "disk", an accelerator index (accelerate's
+    int) or a torch device string such as "cuda:0"; otherwise a one-line error before any weights load."""
+    if target in ("cpu", "disk"):
+        return
+    if isinstance(target, int) and not isinstance(target, bool):
+        available = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+        count = torch.accelerator.device_count() if available else 0
+        if not 0 <= target < count:
+            have = f"accelerators 0..{count - 1}" if count else "no accelerator (GPU)"
+            raise HeadscopeError(f"{option} device {target} does not exist: this machine has {have}; use "
+                                 + ("an index in that range, " if count else "") + "\"cpu\" or \"disk\"")
+        return
+    if not isinstance(target, str):
+        raise HeadscopeError(f"{option} device {target!r} must be \"cpu\", \"disk\", a device index or a device "
+                             "like \"cuda:0\"")
+    check_device(target, option)
 
 
 def parse_max_memory(text: str | None) -> dict | None:

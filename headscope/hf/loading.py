@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import weakref
 from typing import Iterator
 
 import torch
@@ -52,11 +54,13 @@ def load_pretrained(source: str, *, dtype: torch.dtype, device=None, device_map=
     # SDPA cannot softcap attention logits (Gemma 2): such models run eager outside headscope's hooks
     kwargs.setdefault("attn_implementation",
                       "eager" if getattr(text_config(config), "attn_logit_softcapping", None) else "sdpa")
+    made = None  # the temp offload folder made here (removed when empty after loading, else with the model)
     if device_map is not None or max_memory is not None:
         if device is not None:
             raise HeadscopeError("give either device (one device) or device_map / max_memory (split over devices), not both")
-        kwargs.update(device_map=device_map or "auto", max_memory=max_memory,
-                      offload_folder=offload_folder or tempfile.mkdtemp(prefix="headscope-offload-"))
+        made = None if offload_folder else tempfile.mkdtemp(prefix="headscope-offload-")
+        kwargs.update(device_map=device_map or "auto", max_memory=max_memory, offload_folder=offload_folder or made)
+    model = None
     try:
         with no_loading_bars():
             model = auto.from_pretrained(source, dtype=dtype, **kwargs)
@@ -65,10 +69,22 @@ def load_pretrained(source: str, *, dtype: torch.dtype, device=None, device_map=
             raise
         raise HeadscopeError(f"could not split {source!r} over devices with device_map={kwargs['device_map']!r}: "
                              f"{exc}") from None
+    finally:
+        if made is not None:
+            _drop_offload_folder(made, model)
     model.eval()
     if device is not None:
         model.to(device)
     return model, load_tokenizer(source), load_processor(source, config)
+
+
+def _drop_offload_folder(folder: str, model) -> None:
+    """Remove a temp offload folder: now when nothing was offloaded into it (safetensors checkpoints
+    are read in place) or the load failed, else when the model is collected or the process exits."""
+    if model is None or not os.listdir(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
 
 
 def load_tokenizer(source: str):

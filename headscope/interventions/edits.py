@@ -49,6 +49,7 @@ import json
 import operator
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -57,7 +58,8 @@ import torch
 
 from headscope import remote, scope
 from headscope.errors import HeadscopeError
-from headscope.heads import as_heads, head_masks
+from headscope.heads import as_heads, format_heads, head_masks
+from headscope.hf.inputs import image_token_id
 from headscope.interventions import registry
 from headscope.io import write_whole
 from headscope.scores import HeadScores
@@ -90,6 +92,13 @@ class Edit:
         kind = registry.get(self.kind)  # an alias ("ablate", "resample", ...) becomes its kind's name
         self.kind = kind.name
         self.heads = tuple(as_heads(self.heads))  # (layer, head) pairs or names: "L1H5, L1H4"
+        twice = sorted(h for h, n in Counter(self.heads).items() if n > 1)
+        if twice:
+            raise HeadscopeError(f"head(s) {format_heads(twice)} listed more than once in a {kind.label} edit (their "
+                                 "strengths would add up); list each head once")
+        if kind.needs_heads and not self.heads:
+            raise HeadscopeError(f"a {kind.label} edit needs at least one head; got an empty list, which would edit "
+                                 "nothing (name the heads, e.g. [[1, 5]] or \"L1H5\")")
         if self.strength is None:
             self.strength = kind.default_strength
         if isinstance(self.strength, (list, tuple)):
@@ -99,6 +108,7 @@ class Edit:
                 raise HeadscopeError(f"edit strength must be finite numbers; got {self.strength}")
         else:
             check_finite(self.strength, "edit strength")
+        _check_float32(self.strength, kind.label)
         n = _numel(self.strength)
         if n not in (1, len(self.heads)):
             raise HeadscopeError(
@@ -155,11 +165,11 @@ class Edit:
     @classmethod
     def from_dict(cls, data: dict) -> "Edit":
         unknown = set(data) - {"kind", "heads", "strength", "positions", "scope", "source", "options"}
-        if unknown or "kind" not in data or "heads" not in data:
+        if unknown or "kind" not in data or ("heads" not in data and _needs_heads(data["kind"])):
             raise HeadscopeError(f"an edit needs 'kind' and 'heads' and no other keys than strength, positions, "
                                  f"scope, source, options; got keys {sorted(data)}")
         positions = data.get("positions", "all")
-        return cls(data["kind"], data["heads"], data.get("strength"),
+        return cls(data["kind"], data.get("heads", ()), data.get("strength"),
                    tuple(positions) if isinstance(positions, list) else positions,
                    data.get("scope", "both"), data.get("source"), data.get("options"))
 
@@ -174,6 +184,23 @@ class Edit:
         s = self.strength if isinstance(self.strength, torch.Tensor) else torch.tensor(self.strength, dtype=dtype)
         s = s.to(device=device, dtype=dtype)
         return s.reshape(-1).expand(len(self.heads)) if s.numel() == 1 else s
+
+
+def _needs_heads(kind) -> bool:
+    """Whether edits of ``kind`` name their heads (VAR, VHR and kv_compress may leave them out)."""
+    return registry.get(kind).needs_heads if isinstance(kind, str) else True
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_float32(strength, label: str) -> None:
+    """Strengths apply as float32 tensors: a finite Python float beyond float32's range turns infinite."""
+    values = strength.detach().abs().max().item() if isinstance(strength, torch.Tensor) and strength.numel() else (
+        max((abs(x) for x in strength), default=0.0) if isinstance(strength, list) else abs(strength))
+    if values > FLOAT32_MAX:
+        raise HeadscopeError(f"{label} edit strength {values:g} is beyond float32's range (|s| <= {FLOAT32_MAX:.3g}), "
+                             "where edits compute: it would be infinite; give a smaller strength")
 
 
 def _numel(strength) -> int:
@@ -348,19 +375,84 @@ def intervene(hm, edits: Edit | Sequence[Edit], *, prompt_length: int | None = N
         if not isinstance(e, Edit):
             raise HeadscopeError(f"intervene takes Edit objects; got {type(e).__name__}")
     kinds = [registry.get(e.kind) for e in edits]
-    # prepared before any head check (an inject edit made for another model says so first) and before
-    # any hook is installed (reference activations come from the unedited model)
+    check_edits(hm, edits)
+    # prepared before any hook is installed (reference activations come from the unedited model)
     prepared = [kind.prepare(hm, e, pad_id) if kind.prepare else None for kind, e in zip(kinds, edits)]
-    for e in edits:
-        hm.check_heads(e.heads)
     state = _Positions(prompt_length, attention_mask)
     with contextlib.ExitStack() as stack:
+        if edits:
+            stack.enter_context(hm.hook_module(hm.model, finite_logits(edits, threading.get_ident()), with_kwargs=True))
         if attention_mask is None and any(isinstance(e.positions, tuple) for e in edits):
             stack.enter_context(hm.hook_module(hm.model, state.infer_mask(threading.get_ident()), pre=True,
                                                with_kwargs=True))
         for kind, e, ready in zip(kinds, edits, prepared):
             stack.enter_context(kind.apply(hm, e, state, ready))
         yield
+
+
+def check_edits(hm, edits: Sequence[Edit]) -> None:
+    """Each edit against ``hm`` (its kind's ``check_against``: heads, source, options), before any
+    forward runs under it."""
+    shape = model_shape(hm)
+    for e in edits:
+        registry.get(e.kind).check_against(e, shape)
+
+
+def model_shape(hm) -> registry.ModelShape:
+    """The shape edits are checked against: the head grid, width, vocabulary (the input embedding
+    table's rows) and whether the model takes images."""
+    g, config = hm.geometry, hm.model.config
+    embeddings = hm.model.get_input_embeddings() if hasattr(hm.model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is None:
+        vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size")
+    vision = hasattr(config, "vision_config") and image_token_id(config) is not None
+    return registry.ModelShape(g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim, g.d_model, int(vocab), vision)
+
+
+def describe(edit: Edit) -> str:
+    """One line naming an edit: kind, heads, strength (e.g. ``scale on 2 heads (L1H5, L1H4), strength 2``)."""
+    kind = registry.get(edit.kind)
+    s = torch.as_tensor(_strength_value(edit.strength), dtype=torch.float64).flatten()
+    strength = f"{s[0].item():g}" if bool((s == s[0]).all()) else f"{s.min().item():g}..{s.max().item():g}"
+    if edit.heads:
+        names = format_heads(edit.heads[:4]) + (", ..." if len(edit.heads) > 4 else "")
+        heads = f"{len(edit.heads)} head{'s' * (len(edit.heads) != 1)} ({names})"
+    else:
+        heads = "every head" if kind.name == "var" else "the heads it chooses"
+    return f"{edit.kind} on {heads}, strength {strength}"
+
+
+def finite_logits(edits: Sequence[Edit], owner: int):
+    """A forward hook (with kwargs) on the model: logits that are NaN or infinite, or equal over the whole
+    vocabulary (a residual stream beyond float32's range squares to inf in the next norm, which then
+    outputs 0), on any real row under ``edits`` stop the run with an error naming the edits (an edit
+    too strong for the model) instead of decoding garbage."""
+    def hook(module, args, kwargs, output):
+        if threading.get_ident() != owner:
+            return None
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, (tuple, list)) and output:
+            logits = output[0]
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() < 2:
+            return None
+        rows = logits.detach().reshape(-1, logits.shape[-1])
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(logits.shape[:2]):
+            rows = rows[mask.reshape(-1).to(rows.device).bool()]  # left padding: only real rows count
+        if not rows.numel():
+            return None
+        if not bool(torch.isfinite(rows).all()):
+            what = "NaN or infinite"
+        elif logits.shape[-1] > 1 and bool((rows.amax(-1) == rows.amin(-1)).any()):
+            what = "equal over the whole vocabulary (the residual stream overflowed float32 in a norm)"
+        else:
+            return None
+        raise HeadscopeError(f"the model's logits turned {what} under the edit(s) "
+                             + "; ".join(describe(e) for e in edits)
+                             + ": the edit is too strong for this model; lower its strength")
+
+    return hook
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@ A kind says everything about itself in one place:
 - ``options``: a frozen dataclass whose ``__post_init__`` checks each value's range; an ``Edit``
   carries the values as a JSON dict and validates them by building this dataclass;
 - ``source``: what ``Edit.source`` holds (None, token ``"ids"`` or ``"vectors"`` [L, H, d]);
+- ``needs_heads``: an edit of the kind names its heads (an empty list is an error); False for kinds
+  that choose their own (VHR, kv_compress) or read no heads as every head (VAR);
+- ``check_against(edit, shape)``: everything about an edit that depends on the model (:class:`ModelShape`:
+  heads, source token ids or vectors, the options' own ``check_against(shape)``), before its first forward;
 - ``prepare(hm, edit, pad_id)`` (before any hook: reference activations, shape checks) and
   ``apply(hm, edit, state, prepared)``: a context manager installing the kind's hooks;
 - ``remote``: whether ``headscope.remote.z_edit`` runs it (nnsight / NDIF, TransformerLens);
@@ -24,6 +28,7 @@ from importlib import metadata
 from typing import Any, Callable
 
 from headscope.errors import HeadscopeError
+from headscope.heads import format_heads
 
 ENTRY_POINTS = "headscope.edit_kinds"
 
@@ -70,6 +75,20 @@ class CliFlag:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What an edit is checked against before the model's first forward under it (a HeadModel's:
+    ``headscope.interventions.edits.model_shape``)."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    vocab_size: int
+    vision: bool = False  # an image-text model (VAR and VHR need one: their apply says so otherwise)
+
+
+@dataclass(frozen=True)
 class EditKind:
     name: str
     apply: Callable  # (hm, edit, state, prepared) -> context manager
@@ -83,6 +102,7 @@ class EditKind:
     aliases: tuple[str, ...] = ()
     flags: tuple[CliFlag, ...] = field(default=())
     label: str = ""  # how errors name the kind (default: its name), e.g. "VAR"
+    needs_heads: bool = True  # False: no heads means the kind's own choice (VHR, kv_compress) or every head (VAR)
 
     def __post_init__(self):
         if not self.label:
@@ -101,6 +121,29 @@ class EditKind:
             return self.options(**values)
         except TypeError as exc:
             raise HeadscopeError(f"bad {self.label} options {values}: {exc}") from None
+
+    def check_against(self, edit, shape: ModelShape) -> None:
+        """``edit`` against the model it is about to run on, before the first forward: the source (an
+        inject edit's vectors first: made for another model says so), the heads, then the options'
+        ``check_against(shape)``. One-line errors naming the edit, the field and the valid range."""
+        if self.source == "vectors" and tuple(edit.source.shape) != (shape.n_layers, shape.n_heads, shape.head_dim):
+            raise HeadscopeError(
+                f"{self.label} edit: its vectors have shape {list(edit.source.shape)} but the model has "
+                f"[{shape.n_layers}, {shape.n_heads}, {shape.head_dim}] (layers, heads, head_dim): they were made for "
+                "another model; fit a task embedding for this one (headscope inject fit --model ...)")
+        bad = [h for h in edit.heads if not (0 <= h[0] < shape.n_layers and 0 <= h[1] < shape.n_heads)]
+        if bad:
+            raise HeadscopeError(f"{self.label} edit: invalid head(s) {format_heads(bad)}: this model has layers "
+                                 f"0..{shape.n_layers - 1} and heads 0..{shape.n_heads - 1}")
+        if self.source == "ids":
+            ids = [t for row in edit.source for t in row]
+            if min(ids) < 0 or max(ids) >= shape.vocab_size:
+                bad_id = min(ids) if min(ids) < 0 else max(ids)
+                raise HeadscopeError(f"{self.label} edit: source token id {bad_id} is outside this model's vocabulary "
+                                     f"(ids 0..{shape.vocab_size - 1}); encode the source with this model's tokenizer")
+        check = getattr(edit.config, "check_against", None)
+        if check is not None:
+            check(shape)
 
     def cli_options(self, flag: CliFlag) -> list[dataclasses.Field]:
         """The option fields ``flag`` exposes on the command line."""

@@ -25,6 +25,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import format_heads
 from headscope.hf.inputs import pad_id
 from headscope.interventions import intervene
+from headscope.interventions.edits import describe
 from headscope.methods.decore import decore_generate
 from headscope.validate import positive_int
 
@@ -60,6 +61,9 @@ def run(args) -> int:
     if args.image is not None:
         inputs = vision.encode(hm, [args.image], [args.prompt])
     else:
+        if vision.is_vision_model(hm) and vision.placeholder(hm) in args.prompt:
+            raise HeadscopeError(f"the prompt holds the image placeholder {vision.placeholder(hm)} but no --image was "
+                                 "given; pass --image FILE (or drop the placeholder for a text-only prompt)")
         inputs = {"input_ids": torch.tensor([hm.tokenizer(args.prompt)["input_ids"]], device=hm.device)}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     ids = inputs["input_ids"]
@@ -82,8 +86,7 @@ def run(args) -> int:
             verb, details = edit_flags.describe(args, mode)
             print(f"{verb} ({', '.join(details + [args.scope])}) {format_heads(heads)}")
         for edit in flagged:
-            print(f"edit: {edit.kind} on {len(edit.heads) or 'all'} heads, strength {edit.strength}"
-                  + (f", options {edit.options}" if edit.options else ""))
+            print(f"edit: {describe(edit)}" + (f", options {edit.options}" if edit.options else ""))
         with torch.no_grad(), intervene(hm, edits + flagged):
             out = hm.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                     pad_token_id=pad)

@@ -110,15 +110,9 @@ class TaskEmbedding:
 
 
 def injected_vectors(hm, edit: Edit, pad_id=None) -> dict[int, torch.Tensor]:
-    """Per layer the vectors [H, d] an inject edit writes; an error if they were made for other heads."""
-    g = hm.geometry
-    if tuple(edit.source.shape) != (g.n_layers, g.n_heads, g.head_dim):
-        raise HeadscopeError(
-            f"the injected vectors have shape {list(edit.source.shape)} but {hm.name or 'the model'} has "
-            f"[{g.n_layers}, {g.n_heads}, {g.head_dim}] (layers, heads, head_dim): they were made for another "
-            "model; fit a task embedding for this one (headscope inject fit --model ...)"
-        )
-    return {layer: edit.source[layer].to(hm.device) for layer in range(g.n_layers)}
+    """Per layer the vectors [H, d] an inject edit writes (their shape checked by the registry's
+    ``check_against`` before: made for another model is an error there)."""
+    return {layer: edit.source[layer].to(hm.device) for layer in range(hm.geometry.n_layers)}
 
 
 def _check_file(args) -> None:

@@ -693,7 +693,7 @@ def _report(args) -> list[str]:
 
 
 KIND = registry.register(registry.EditKind(
-    "kv_compress", apply, doc=__doc__, options=KVCompressOptions, label="kv_compress", check=check,
+    "kv_compress", apply, doc=__doc__, options=KVCompressOptions, label="kv_compress", check=check, needs_heads=False,
     flags=(registry.CliFlag(
         "kv-compress", "compress the KV cache head-wise: full KV heads from this ranking (headscope CSV, "
         "DuoAttention folder/TSV, Retrieval_Head JSON, QRHead YAML) or 'razor' (data-free); --full-share, --sink, "

@@ -107,6 +107,23 @@ class VarOptions:
         if self.layers is not None and not all(isinstance(l, int) and l >= 0 for l in self.layers):
             raise HeadscopeError(f"VAR option layers must be layer indices (ints); got {self.layers!r}")
 
+    def check_against(self, shape) -> None:
+        """The dims and layers against the model (registry.ModelShape), before its first forward (on a text
+        model the edit's apply refuses the model itself)."""
+        if not shape.vision:
+            return
+        bad = [d for d in self.dims if d >= shape.d_model]
+        if bad:
+            raise HeadscopeError(f"VAR option dims: {bad} outside this model's hidden dims 0..{shape.d_model - 1}; "
+                                 "find the massive dims of this model (var_edit / massive_dims)")
+        if self.layers is None and self.first_layer >= shape.n_layers:
+            raise HeadscopeError(f"VAR option first_layer {self.first_layer} is outside this model's layers "
+                                 f"0..{shape.n_layers - 1}: VAR would edit no layer")
+        bad = [l for l in self.layers or () if l >= shape.n_layers]
+        if bad or self.layers == []:
+            raise HeadscopeError(f"VAR option layers: {bad or 'an empty list'} not within this model's layers "
+                                 f"0..{shape.n_layers - 1}; give layer indices in that range (or leave layers out)")
+
 
 def check(edit) -> None:
     """Rules of a var edit beyond its options' ranges (called by Edit)."""
@@ -371,6 +388,7 @@ def apply(hm, edit, state=None, prepared=None) -> Iterator[_Run]:
 
 KIND = registry.register(registry.EditKind(
     "var", apply, doc=__doc__, options=VarOptions, label="VAR", default_strength=DEFAULT_STRENGTH, check=check,
+    needs_heads=False,
     flags=(registry.CliFlag("var", "VAR: move attention off sink tokens onto the rest of the image (Kang et al. 2025)",
                             _build, strength="var-p"),),
 ))

@@ -71,6 +71,21 @@ class VhrOptions:
             if not isinstance(getattr(self, name), bool):
                 raise HeadscopeError(f"VHR option {name} must be true or false; got {getattr(self, name)!r}")
 
+    def check_against(self, shape) -> None:
+        """The layers against the model (registry.ModelShape), before its first forward (on a text
+        model the edit's apply refuses the model itself)."""
+        if not shape.vision:
+            return
+        if self.layers is not None:
+            check_layers(self.layers, shape.n_layers, "VHR option layers")
+
+
+def check_layers(layers, n_layers: int, what: str) -> list[int]:
+    """VHR's layers (option, --vhr-layers): at least one, each within the model's layers."""
+    if not layers or not all(0 <= x < n_layers for x in layers):
+        raise HeadscopeError(f"{what} must be layers within 0..{n_layers - 1} (this model's); got {list(layers)}")
+    return list(layers)
+
 
 def check(edit) -> None:
     """Rules of a vhr edit beyond its options (called by Edit)."""
@@ -94,8 +109,7 @@ class _Run:
         self.opts = dataclasses.asdict(edit.config)
         g = hm.geometry
         self.layers = default_layers(g.n_layers) if self.opts["layers"] is None else list(self.opts["layers"])
-        if not self.layers or not all(0 <= x < g.n_layers for x in self.layers):
-            raise HeadscopeError(f"VHR layers must lie in 0..{g.n_layers - 1}; got {self.layers}")
+        check_layers(self.layers, g.n_layers, "VHR option layers")
         self.mask: torch.Tensor | None = None  # [B, L, H] bool
         self.inputs: dict | None = None  # the prefill's inputs (reselect)
         self.busy = False  # inside VHD's own forwards: no selection, no edit
@@ -184,11 +198,11 @@ def _build(args, hm, rng, heads) -> list[Edit]:
     ``--random-heads``: random heads, VHR's count per layer (a scale edit)."""
     alpha = check_alpha(args.alpha)
     g = hm.geometry
+    if args.vhr_layers is not None:
+        check_layers(args.vhr_layers, g.n_layers, "--vhr-layers")
     if args.vhr == PER_INPUT:
         vision.require_vision(hm, "--vhr per-input")
         layers = args.vhr_layers if args.vhr_layers is not None else default_layers(g.n_layers)
-        if not layers or not all(0 <= x < g.n_layers for x in layers):
-            raise HeadscopeError(f"--vhr-layers must lie in 0..{g.n_layers - 1}; got {layers}")
         if args.random_heads:
             heads = per_layer_count_heads(layers, g.n_heads)
             return [Edit("scale", same_layer_random_heads(heads, g.n_heads, rng or random.Random(args.seed),
@@ -208,6 +222,7 @@ def _build(args, hm, rng, heads) -> list[Edit]:
 
 KIND = registry.register(registry.EditKind(
     "vhr", apply, doc=__doc__, options=VhrOptions, label="VHR", default_strength=DEFAULT_STRENGTH, check=check,
+    needs_heads=False,
     flags=(registry.CliFlag(
         "vhr", "VHR (He et al. 2025): multiply by --alpha the z of the heads above their layer's median VHD; "
         "'per-input': VHD of each input at prefill, heads reused at every step (the paper's rule); a VHD ranking "
