@@ -47,6 +47,7 @@ def run(args) -> int:
     out = Path(args.export_out)
     if args.fmt == "duo" and out.exists() and not out.is_dir():  # the paths are checked by headscope.cli.paths
         raise HeadscopeError(f"--out {out} is a file; the duo format writes a folder (full_attention_heads.tsv, config.json)")
+    _check_out_name(args.fmt, out)
     if formats.published_format(args.ranking):
         raise HeadscopeError(f"{args.ranking} is already a {formats.published_format(args.ranking)} file; export reads "
                              "a headscope ranking CSV")
@@ -69,3 +70,15 @@ def run(args) -> int:
     for path in files:
         print(f"wrote {path}")
     return 0
+
+
+def _check_out_name(fmt: str, out: Path) -> None:
+    """A Retrieval_Head or QRHead file named so that headscope reads it back as that format (formats
+    are told by name: a Retrieval_Head JSON written to heads.yaml would be refused on reading)."""
+    if fmt == "duo":
+        return
+    named = formats.published_format(out)
+    if named != fmt:
+        suffix = ".json" if fmt == "retrieval-head" else ".yaml"
+        raise HeadscopeError(f"--out {out}: a {fmt} file is read back by its name; name it *{suffix}, "
+                             f"e.g. {out.with_suffix(suffix).name}")
