@@ -22,6 +22,7 @@ from headscope_kernels import cpu_tile
 
 GEN = ["generate", "--prompt", "The secret", "--max-new-tokens", "1"]
 NEEDLE = ["score", "--task", "needle", "--quiet", "--lengths", "64", "--depths", "50"]
+NEEDLE_EVAL = ["eval", "--task", "needle", "--quiet", "--lengths", "64", "--depths", "50"]
 ICL_TASK = zoo.organism_path("icl") / "taska.jsonl"
 
 # (id, argv, fragment of the one error line, early); {key} names a file of the fixture
@@ -53,6 +54,12 @@ CASES = [
      "--max-memory cpu=-5GiB: give a size", True),
     ("max-memory-twice", [*GEN, "--device-map", "auto", "--max-memory", "cpu=1GiB,cpu=2GiB"],
      "names device cpu twice", True),
+    # an edit's strength or extra option without its edit was ignored, the run reported as normal
+    ("alpha-without-edit", [*GEN, "--alpha", "3"], "--alpha needs --scale or --vhr", True),
+    ("var-p-without-var", [*GEN, "--var-p", "0.3"], "--var-p needs --var", True),
+    ("vhr-layers-without-vhr", [*GEN, "--vhr-layers", "1"], "--vhr-layers needs --vhr", True),
+    ("kv-rule-without-kv", [*NEEDLE_EVAL, "--kv-rule", "max"], "--kv-rule needs --kv-compress", True),
+    ("sink-without-kv", [*GEN, "--sink", "2"], "--sink needs --kv-compress", True),
     # export wrote a Retrieval_Head JSON named .yaml (or a QRHead YAML named .json) that reading refuses
     ("export-rh-named-yaml", ["export", "{ranking}", "--format", "retrieval-head", "--out", "{tmp}/rh.yaml"],
      "name it *.json", True),
