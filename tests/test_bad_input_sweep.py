@@ -18,6 +18,7 @@ from test_bad_input import run_case
 from headscope import zoo
 from headscope.errors import HeadscopeError
 from headscope.interventions import TaskEmbedding
+from headscope.scores import HeadScores
 from headscope_kernels import cpu_tile
 
 GEN = ["generate", "--prompt", "The secret", "--max-new-tokens", "1"]
@@ -60,6 +61,9 @@ CASES = [
     ("vhr-layers-without-vhr", [*GEN, "--vhr-layers", "1"], "--vhr-layers needs --vhr", True),
     ("kv-rule-without-kv", [*NEEDLE_EVAL, "--kv-rule", "max"], "--kv-rule needs --kv-compress", True),
     ("sink-without-kv", [*GEN, "--sink", "2"], "--sink needs --kv-compress", True),
+    # two rankings of different models (same 4x8 grid) overlapped as if their heads were the same: 0.000
+    ("overlap-other-model", ["overlap", "{rank_vision}", "{rank_retrieval}", "--top", "2"],
+     "heads of different models do not overlap", True),
     # export wrote a Retrieval_Head JSON named .yaml (or a QRHead YAML named .json) that reading refuses
     ("export-rh-named-yaml", ["export", "{ranking}", "--format", "retrieval-head", "--out", "{tmp}/rh.yaml"],
      "name it *.json", True),
@@ -83,6 +87,10 @@ def files(tmp_path_factory):
     first = ICL_TASK.read_text().splitlines(keepends=True)[0]
     (tmp / "icl_repeated.jsonl").write_text(first * 24)
     f["icl_repeated"] = str(tmp / "icl_repeated.jsonl")
+    g = torch.Generator().manual_seed(0)
+    for model in ("vision", "retrieval"):
+        HeadScores(torch.rand(4, 8, generator=g), "some_task", model).to_csv(tmp / f"rank_{model}.csv")
+        f[f"rank_{model}"] = str(tmp / f"rank_{model}.csv")
     shutil.copy(zoo.organism_path("retrieval") / "ground_truth.csv", tmp / "ranking.csv")
     f["ranking"] = str(tmp / "ranking.csv")
     return f
@@ -102,6 +110,13 @@ def test_bad_input_sweep(case, files):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert fragment in lines[0], lines[0]
+
+
+def test_overlap_of_two_models_with_force(files):
+    """--force overlaps them knowingly: the same arithmetic as before."""
+    got, out, err = run_case(["overlap", files["rank_vision"], files["rank_retrieval"], "--top", "2", "--force"], True)
+    assert got == 0, err
+    assert "jaccard:" in out
 
 
 @pytest.mark.parametrize("value", ["maybe", "\u00f6ff"])
