@@ -64,6 +64,15 @@ CASES = [
     # two rankings of different models (same 4x8 grid) overlapped as if their heads were the same: 0.000
     ("overlap-other-model", ["overlap", "{rank_vision}", "{rank_retrieval}", "--top", "2"],
      "heads of different models do not overlap", True),
+    # export options of another format were ignored; a qrhead --top beyond the scored heads listed 32
+    ("export-kv-rule-qrhead", ["export", "{rank_retrieval}", "--format", "qrhead", "--out", "{tmp}/k.yaml",
+                               "--kv-rule", "max"], "--kv-rule applies to --format duo only", True),
+    ("export-sink-retrieval-head", ["export", "{rank_retrieval}", "--format", "retrieval-head", "--out",
+                                    "{tmp}/k.json", "--sink", "2"], "--sink applies to --format duo only", True),
+    ("export-top-duo", ["export", "{rank_retrieval}", "--format", "duo", "--out", "{tmp}/duo", "--top", "3"],
+     "--top applies to --format qrhead only", True),
+    ("export-top-beyond-heads", ["export", "{rank_retrieval}", "--format", "qrhead", "--out", "{tmp}/t.yaml",
+                                 "--top", "1000"], "scores only 32 heads; use --top <= 32", True),
     # export wrote a Retrieval_Head JSON named .yaml (or a QRHead YAML named .json) that reading refuses
     ("export-rh-named-yaml", ["export", "{ranking}", "--format", "retrieval-head", "--out", "{tmp}/rh.yaml"],
      "name it *.json", True),
