@@ -168,3 +168,20 @@ def test_kernel_digest_private_under_umask_000(tmp_path, monkeypatch):
     (lib,) = (tmp_path / "cache").glob("*.so")
     assert digest.stat().st_mode & 0o777 == 0o600
     assert lib.stat().st_mode & 0o777 == 0o700
+
+
+def test_merge_of_parts_with_other_needles_names_the_input_files(tmp_path):
+    """Parts scored on different --needles files differed in 'provenance.prompt_set_sha256' only, a
+    name that does not tell the user which option differs."""
+    needles = Path(__file__).resolve().parent.parent / "datasets" / "needles.jsonl"
+    lines = needles.read_text().splitlines(keepends=True)
+    (tmp_path / "other.jsonl").write_text("".join(lines[1:] + lines[:1]))  # same needles, another order
+    base = [*NEEDLE[:-1], "0,50,100", "--shard"]
+    assert run_case([*base, "0/2", "--out", str(tmp_path / "a.0")], False)[0] == 0
+    assert run_case([*base, "1/2", "--needles", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "b.1")],
+                    False)[0] == 0
+    got, out, err = run_case(["merge", str(tmp_path / "a.0"), str(tmp_path / "b.1"), "--out", str(tmp_path / "m.csv")],
+                             True)
+    assert got == 2, err
+    assert "the contents of its input files (--needles" in err, err
+    assert not (tmp_path / "m.csv").exists()
