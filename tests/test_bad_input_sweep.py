@@ -37,6 +37,9 @@ CASES = [
     ("edits-deep-nesting", [*GEN, "--edits", "{deep_json}"], "nests JSON too deeply", True),
     ("needles-deep-nesting", [*NEEDLE, "--needles", "{deep_jsonl}"], "nests JSON too deeply", True),
     ("device-map-deep-nesting", [*GEN, "--device-map", "[" * 5000 + "]" * 5000], "--device-map must be auto", True),
+    # a JSON device map naming a module the model lacks (a typo) was left unused, silently
+    ("device-map-unknown-module", [*GEN, "--device-map", '{"model.layrs.0": "cpu"}'],
+     "--device-map names module(s) 'model.layrs.0' that", False),
     # an edits file giving a key twice kept the last one silently (zero became scale)
     ("edits-duplicate-key", [*GEN, "--edits", "{dup_keys}"], "gives the key 'kind' twice in one object", True),
     # JSON true/false as a head index read as 1/0 (L1H0 ablated for [true, false])
