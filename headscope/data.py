@@ -32,7 +32,7 @@ def json_kind(text: str) -> str | None:
         try:
             if isinstance(json.loads(stripped), list):
                 return "array"
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply to tell
             pass
     return "lines" if stripped.startswith("{") else None
 
@@ -67,3 +67,5 @@ def read_jsonl(path, what: str, hint: str):
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise HeadscopeError(f"{path}:{lineno} is not valid JSON ({exc.msg}); {hint}") from None
+        except RecursionError:
+            raise HeadscopeError(f"{path}:{lineno} nests JSON too deeply to read; {hint}") from None

@@ -70,6 +70,8 @@ def as_heads(heads: str | Iterable) -> list[Head]:
             continue
         try:
             layer, head = item
+            if isinstance(layer, bool) or isinstance(head, bool):  # JSON true/false are not indices
+                raise ValueError
             if int(layer) != layer or int(head) != head:
                 raise ValueError
             out.append((int(layer), int(head)))

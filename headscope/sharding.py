@@ -145,7 +145,7 @@ def merge(paths: Sequence[str | os.PathLike], force: bool = False) -> HeadScores
             fix = ("the parts were made with different models: re-run them with one, or pass --force to merge them "
                    "anyway") if key in MODEL_FIELDS else ("re-run it with the same command as the other parts (only "
                                                           "--shard I/N differs between parts)")
-            raise HeadscopeError(f"{p} comes from another run: it differs from {paths[0]} in {key} "
+            raise HeadscopeError(f"{p} comes from another run: it differs from {paths[0]} in {_field(key)} "
                                  f"({_shown(mine.get(key))} vs {_shown(first.get(key))}); {fix}")
     count = parts[0].shard.count
     seen: dict[int, str] = {}
@@ -185,6 +185,16 @@ def identity(part: Part) -> dict:
         fields.update({f"provenance.{k}": v for k, v in prov.items() if k not in MODEL_FIELDS})
     fields.update({f"params.{k}": v for k, v in params.items()})
     return fields
+
+
+FIELD_NAMES = {"provenance.prompt_set_sha256": "provenance.prompt_set_sha256, the hash of the task's options and "
+                                               "the contents of its input files (--needles, --haystack, --prompts, "
+                                               "...)"}
+
+
+def _field(key: str) -> str:
+    """A differing field as the user knows it (a hash says what it hashes)."""
+    return FIELD_NAMES.get(key, key)
 
 
 def _shown(value) -> str:

@@ -52,10 +52,21 @@ def read_text(path, what: str, *, limit: int = MAX_INPUT_BYTES) -> str:
 
 def read_json(path, what: str, hint: str):
     """The parsed JSON of a file read with :func:`read_text`."""
+    text = read_text(path, what)
+
+    def unique(pairs):  # {"kind": "zero", "kind": "scale"} would keep the last silently
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise HeadscopeError(f"{what} {path} gives the key {key!r} twice in one object; keep one. {hint}")
+        return dict(pairs)
+
     try:
-        return json.loads(read_text(path, what))
+        return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         raise HeadscopeError(f"{what} {path} is not valid JSON ({exc.msg}, line {exc.lineno}); {hint}") from None
+    except RecursionError:  # "[[[[..." nested deeper than the parser's recursion limit
+        raise HeadscopeError(f"{what} {path} nests JSON too deeply to read; {hint}") from None
 
 
 # ------------------------------------------------------------------------------ output files

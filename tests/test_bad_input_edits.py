@@ -235,6 +235,15 @@ def test_device_map_run_leaves_no_offload_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     got, out, err = run_case([*GEN, "--device-map", '{"": "cpu"}'], early=False)
     assert got == 0, err
-    got, out, err = run_case([*GEN, "--max-memory", "cpu=lots"], early=False)
+    # a split that fails inside from_pretrained (a bad --max-memory size is now refused before loading)
+    import headscope.hf.loading as loading
+
+    class Fails:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise ValueError("no room for the weights")
+
+    monkeypatch.setattr(loading, "auto_class", lambda config: Fails)
+    got, out, err = run_case([*GEN, "--max-memory", "cpu=1GiB"], early=False)
     assert got == 2 and "could not split" in err, err
     assert list(tmp_path.glob("headscope-offload-*")) == []

@@ -119,6 +119,33 @@ def check(args) -> None:
                 if getattr(args, f"{flag.dest}_{f.name}", default) != default:
                     raise HeadscopeError(f"--{flag.name}-{f.name.replace('_', '-')} needs "
                                          f"{f.metadata.get('needs', '--' + flag.name)}")
+    _check_orphans(args)
+
+
+def _check_orphans(args) -> None:
+    """A strength flag (--alpha, --var-p, ...) or a flag's own extra option (--vhr-layers, --sink,
+    --kv-rule, ...) changed from its default while no flag that reads it is given: an error naming
+    those flags (it would be ignored, and the run reported as if it had applied)."""
+    if not hasattr(args, "edits"):  # a command without the edit flags (export has its own --sink, ...)
+        return
+    readers: dict[str, tuple[object, list[str]]] = {}  # dest -> (default, flags that read it)
+    used = {flag.name for _, flag in given(args, ("switch", "file", "heads"))}
+    if getattr(args, "random", None):
+        used.add(getattr(args, "random_edit", None))
+    for kind, flag in flags():
+        if flag.strength:
+            dest = flag.strength.replace("-", "_")
+            readers.setdefault(dest, (kind.default_strength, []))[1].append(flag.name)
+        if flag.arguments is not None:
+            extra = argparse.ArgumentParser(add_help=False)
+            flag.arguments(extra)
+            for action in extra._actions:
+                readers.setdefault(action.dest, (action.default, []))[1].append(flag.name)
+    for dest, (default, names) in readers.items():
+        if not used.intersection(names) and getattr(args, dest, default) != default:
+            option = "--" + dest.replace("_", "-")
+            raise HeadscopeError(f"{option} needs {' or '.join('--' + n for n in names)}; without it {option} "
+                                 "would be ignored")
 
 
 def build_edits(args, hm, rng: random.Random | None = None) -> list[Edit]:

@@ -11,7 +11,7 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
-from headscope.cli import edit_flags, paths, tasks as _builtin_tasks  # noqa: F401  registers the --task modules
+from headscope.cli import boundary, edit_flags, paths, tasks as _builtin_tasks  # noqa: F401  registers the --task modules
 from headscope.cli.commands import COMMANDS
 from headscope.cli.common import Parser, add_task_arguments, finite_floats
 from headscope.cli.registry import tasks as registered_tasks
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(_peek_task(argv)).parse_args(argv)
         paths.check(args)
         edit_flags.check(args)
+        boundary.check(args)
         module = next(m for m in COMMANDS if m.NAME == args.command)
         if getattr(module, "TASK", False):
             task = registered_tasks()[args.task]

@@ -134,7 +134,7 @@ def _is_ranking_sidecar(path: Path) -> bool:
         if path.stat().st_size > 16 * 2**20:
             return False
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and ("csv_sha256" in data or {"method", "shape"} <= set(data))
 

@@ -10,6 +10,7 @@ through :func:`weight`, never through ``module.weight`` directly.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -48,7 +49,7 @@ def parse_device_map(text: str | None):
         return text
     try:
         mapping = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         mapping = None
     if not isinstance(mapping, dict):
         raise HeadscopeError(f"--device-map must be auto, balanced, balanced_low_0, sequential or a JSON object "
@@ -94,5 +95,26 @@ def parse_max_memory(text: str | None) -> dict | None:
             raise HeadscopeError(f"--max-memory takes DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=64GiB; "
                                  f"got {text!r}")
         key = key.strip()
-        out[int(key) if key.isdigit() else key] = value.strip()
+        device = int(key) if key.isdigit() else key
+        if device in out:
+            raise HeadscopeError(f"--max-memory names device {key} twice ({text!r}); give one budget per device")
+        out[device] = _check_size(key, value.strip())
     return out
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}  # accelerate's
+
+
+def _check_size(device: str, value: str) -> str:
+    """A ``--max-memory`` budget accelerate can hold: a finite number >= 0 and a unit, under 2**63 bytes."""
+    match = re.fullmatch(r"([0-9.eE+]+)\s*([A-Za-z]+)", value)
+    try:
+        units = {unit.lower(): factor for unit, factor in _SIZE_UNITS.items()}
+        size = float(match.group(1)) * units[match.group(2).lower()] if match else None
+    except (ValueError, KeyError):
+        size = None
+    if size is None or not 0 <= size < 2**63:
+        raise HeadscopeError(f"--max-memory {device}={value}: give a size of at least 0 bytes and under 8 EiB with "
+                             f"a unit ({', '.join(_SIZE_UNITS)}), "
+                             "e.g. 20GiB")
+    return value

@@ -72,10 +72,23 @@ def load_pretrained(source: str, *, dtype: torch.dtype, device=None, device_map=
     finally:
         if made is not None:
             _drop_offload_folder(made, model)
+    if isinstance(device_map, dict):
+        _check_map_modules(model, device_map, source)
     model.eval()
     if device is not None:
         model.to(device)
     return model, load_tokenizer(source), load_processor(source, config)
+
+
+def _check_map_modules(model, device_map: dict, source: str) -> None:
+    """A JSON device map naming modules the model does not have (a typo such as model.layrs.0) is an
+    error: transformers leaves such keys unused, and the modules meant stay where it puts them."""
+    names = {name for name, _ in model.named_modules()}
+    unknown = [key for key in device_map if key and key not in names]
+    if unknown:
+        example = next((n for n in sorted(names) if n.count(".") == 2 and ".layers." in n), "model.layers.0")
+        raise HeadscopeError(f"--device-map names module(s) {', '.join(map(repr, unknown))} that {source} does not "
+                             f"have; use module names of the model (model.named_modules()), e.g. {example!r}")
 
 
 def _drop_offload_folder(folder: str, model) -> None:

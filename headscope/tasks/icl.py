@@ -90,6 +90,11 @@ class IclTask:
         out = []
         for q in queries:
             pool = [p for p in self[demo_split] if p != q]
+            if len(pool) < k:  # the file repeats this pair: its copies cannot be demonstrations
+                raise HeadscopeError(
+                    f"task {self.name!r}: the {demo_split} pairs other than query {q[0]!r} -> {q[1]!r} are only "
+                    f"{len(pool)}, fewer than {k} shots (the file repeats that pair); remove the repeated pairs "
+                    "or use fewer shots (--shots)")
             out.append((rng.sample(pool, k), q))
         return out
 

@@ -126,6 +126,7 @@ def _build(cxx):
             out.chmod(0o700 & ~_umask())
             digest = Path(tmp) / "digest"
             digest.write_text(_sha256(out) + "\n")
+            digest.chmod(0o600 & ~_umask())  # private like the library, whatever the umask (000 gave 0666)
             os.replace(out, lib)  # whole files or none, also when processes build at once
             os.replace(digest, recorded)
         if recorded.read_text().strip() != _sha256(lib):  # another process replaced it in between

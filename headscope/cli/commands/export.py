@@ -47,10 +47,12 @@ def run(args) -> int:
     out = Path(args.export_out)
     if args.fmt == "duo" and out.exists() and not out.is_dir():  # the paths are checked by headscope.cli.paths
         raise HeadscopeError(f"--out {out} is a file; the duo format writes a folder (full_attention_heads.tsv, config.json)")
+    _check_out_name(args.fmt, out)
     if formats.published_format(args.ranking):
         raise HeadscopeError(f"{args.ranking} is already a {formats.published_format(args.ranking)} file; export reads "
                              "a headscope ranking CSV")
-    _, meta = read_ranking(args.ranking)
+    rows, meta = read_ranking(args.ranking)
+    _check_options(args, rows)
     model = args.model or meta.get("model")
     if not model:
         raise HeadscopeError(f"{args.ranking} has no sidecar naming its model; pass --model")
@@ -69,3 +71,33 @@ def run(args) -> int:
     for path in files:
         print(f"wrote {path}")
     return 0
+
+
+def _check_out_name(fmt: str, out: Path) -> None:
+    """A Retrieval_Head or QRHead file named so that headscope reads it back as that format (formats
+    are told by name: a Retrieval_Head JSON written to heads.yaml would be refused on reading)."""
+    if fmt == "duo":
+        return
+    named = formats.published_format(out)
+    if named != fmt:
+        suffix = ".json" if fmt == "retrieval-head" else ".yaml"
+        raise HeadscopeError(f"--out {out}: a {fmt} file is read back by its name; name it *{suffix}, "
+                             f"e.g. {out.with_suffix(suffix).name}")
+
+
+DUO_ONLY = {"kv_rule": "mean", "full_share": None, "sink": 4, "recent": 64}  # dest -> parser default
+
+
+def _check_options(args, rows) -> None:
+    """Options of one format given with another would be ignored: an error naming the format; and
+    a qrhead --top beyond the ranking's scored heads (the file would list fewer than asked)."""
+    if args.fmt != "duo":
+        for dest, default in DUO_ONLY.items():
+            if getattr(args, dest) != default:
+                raise HeadscopeError(f"--{dest.replace('_', '-')} applies to --format duo only; drop it for "
+                                     f"--format {args.fmt}")
+    if args.fmt != "qrhead" and args.top != 16:
+        raise HeadscopeError(f"--top applies to --format qrhead only; drop it for --format {args.fmt}")
+    scored = sum(1 for _, _, score in rows if score == score)  # NaN: unscored
+    if args.fmt == "qrhead" and args.top > scored:
+        raise HeadscopeError(f"--top {args.top}: {args.ranking} scores only {scored} heads; use --top <= {scored}")

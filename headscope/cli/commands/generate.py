@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     mode = edit_mode(args, [flag.name for _, flag in edit_flags.heads_flags()] + ["decore"])
     check_edit_heads(args, mode)
+    _check_mode_options(args, mode)
     if args.image is not None:
         vision.load_image(args.image)
     hm = load_model(args)
@@ -92,3 +93,13 @@ def run(args) -> int:
                                     pad_token_id=pad)
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0
+
+
+def _check_mode_options(args, mode: str) -> None:
+    """--scope without a heads edit, or --decore-alpha without --decore, would be ignored: an error."""
+    if args.scope != "both" and mode in ("none", "decore"):
+        heads = " or ".join(f"--{flag.name}" for _, flag in edit_flags.heads_flags())
+        raise HeadscopeError(f"--scope {args.scope} applies to a heads edit ({heads}); without one it would be "
+                             "ignored")
+    if args.decore_alpha is not None and mode != "decore":
+        raise HeadscopeError("--decore-alpha applies to --decore; without it it would be ignored")

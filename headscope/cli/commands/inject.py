@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.lr <= 0:
         raise HeadscopeError(f"--lr must be > 0; got {args.lr:g}")
+    if args.lr > 3.4028234663852886e38:  # float32.max: Adam computes in float32, the step would be infinite
+        raise HeadscopeError(f"--lr {args.lr:g} is beyond float32's range (<= 3.4e+38); give a smaller rate")
     task = IclTask.load(args.task, seed=args.split_seed)
     task.check_shots(args.shots + 1)
     fmt = prompt_format(args)

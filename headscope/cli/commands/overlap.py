@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     group.add_argument("--threshold", type=float, help="circuit = heads scoring above this")
     parser.add_argument("--signed", action="store_true", help="rank by score, not |score|")
     parser.add_argument("--plot", help="write a plotly HTML figure of the two circuits here")
+    parser.add_argument("--force", action="store_true",
+                        help="overlap rankings whose sidecars name different models (weights hashes) anyway")
 
 
 def run(args) -> int:
@@ -31,6 +33,8 @@ def run(args) -> int:
     if a.scores.shape != b.scores.shape:
         raise HeadscopeError(f"{args.a} is {tuple(a.scores.shape)} and {args.b} is {tuple(b.scores.shape)}: "
                              "rankings of different models cannot be overlapped")
+    if not args.force:
+        _check_same_model(args.a, a, args.b, b)
     select = dict(top_k=args.top, threshold=args.threshold, top_p=args.top_p if args.top_p is not None else 0.02,
                   absolute=not args.signed)
     ca, cb = circuit(a, **select), circuit(b, **select)
@@ -45,3 +49,17 @@ def run(args) -> int:
         write_whole(Path(args.plot), fig.to_html(include_plotlyjs="cdn"))
         print(f"wrote {args.plot}")
     return 0
+
+
+def _check_same_model(path_a, a: HeadScores, path_b, b: HeadScores) -> None:
+    """Two rankings whose sidecars name different models: their heads are not the same heads, so the
+    overlap would be meaningless (and the shapes may still match). The weights hash decides when both
+    record one, else the model names."""
+    hash_a, hash_b = (s.params.get("provenance", {}).get("weights_sha256") for s in (a, b))
+    if hash_a and hash_b:
+        differ, shown = hash_a != hash_b, (f" (weights {hash_a[:12]}...)", f" (weights {hash_b[:12]}...)")
+    else:
+        differ, shown = bool(a.model and b.model and a.model != b.model), ("", "")
+    if differ:
+        raise HeadscopeError(f"{path_a} ranks {a.model}{shown[0]} and {path_b} ranks {b.model}{shown[1]}: "
+                             "heads of different models do not overlap; use rankings of one model (or --force)")

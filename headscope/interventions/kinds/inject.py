@@ -87,6 +87,10 @@ class TaskEmbedding:
         if not path.is_file():
             raise HeadscopeError(f"task embedding {path} does not exist or is not a file; make one with `headscope inject fit`")
         try:
+            path.open("rb").close()  # safetensors reports an unreadable file as "No such file or directory"
+        except OSError as exc:
+            raise HeadscopeError(f"cannot read task embedding {path}: {exc.strerror}; check its permissions") from None
+        try:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
