@@ -69,6 +69,8 @@ CASES = [
      "heads of different models do not overlap", True),
     ("scope-without-heads-edit", [*GEN, "--scope", "decode"], "--scope decode applies to a heads edit", True),
     ("decore-alpha-without-decore", [*GEN, "--decore-alpha", "2"], "--decore-alpha applies to --decore", True),
+    ("eval-decore-alpha-without-decore", [*NEEDLE_EVAL, "--decore-alpha", "2"], "--decore-alpha applies to --decore",
+     True),
     # export options of another format were ignored; a qrhead --top beyond the scored heads listed 32
     ("export-kv-rule-qrhead", ["export", "{rank_retrieval}", "--format", "qrhead", "--out", "{tmp}/k.yaml",
                                "--kv-rule", "max"], "--kv-rule applies to --format duo only", True),

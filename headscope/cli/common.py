@@ -69,6 +69,8 @@ def edit_mode(args, modes: list[str]) -> str:
     if mode in ("none", "random") and args.heads:
         raise HeadscopeError("--heads names the heads to edit: say what to do with them, e.g. --ablate --heads "
                              + format_heads(args.heads) + " (or --scale / --decore)")
+    if getattr(args, "decore_alpha", None) is not None and mode != "decore":
+        raise HeadscopeError("--decore-alpha applies to --decore; without it it would be ignored")
     return mode
 
 

@@ -96,10 +96,8 @@ def run(args) -> int:
 
 
 def _check_mode_options(args, mode: str) -> None:
-    """--scope without a heads edit, or --decore-alpha without --decore, would be ignored: an error."""
+    """--scope without a heads edit would be ignored: an error (--decore-alpha: common.edit_mode)."""
     if args.scope != "both" and mode in ("none", "decore"):
         heads = " or ".join(f"--{flag.name}" for _, flag in edit_flags.heads_flags())
         raise HeadscopeError(f"--scope {args.scope} applies to a heads edit ({heads}); without one it would be "
                              "ignored")
-    if args.decore_alpha is not None and mode != "decore":
-        raise HeadscopeError("--decore-alpha applies to --decore; without it it would be ignored")
