@@ -36,7 +36,7 @@ from headscope.errors import HeadscopeError
 from headscope.heads import head_masks
 from headscope.hf.adapters import find_layers
 from headscope.interventions import registry
-from headscope.interventions.edits import Edit, _patch_values, _Positions, apply_z_edit, edit_weights
+from headscope.interventions.edits import Edit, _patch_values, _Positions, apply_z_edit, edit_weights, model_shape
 from headscope.model import HeadModel
 
 
@@ -50,6 +50,21 @@ def _z_edits(edits: Edit | Sequence[Edit]) -> list[Edit]:
             f"nnsight traces and TransformerLens hooks run only {list(remote_kinds)}. Use headscope.interventions.intervene"
         )
     return edits
+
+
+def _checked(edits: Edit | Sequence[Edit], shape: registry.ModelShape) -> list[Edit]:
+    """The z-edits, each checked against the model before any trace (heads in its grid, source ids in
+    its vocabulary: the kinds' ``check_against``, as ``intervene`` does)."""
+    edits = _z_edits(edits)
+    for e in edits:
+        registry.get(e.kind).check_against(e, shape)
+    return edits
+
+
+def _bridge_shape(bridge) -> registry.ModelShape:
+    c = bridge.cfg
+    return registry.ModelShape(c.n_layers, c.n_heads, getattr(c, "n_key_value_heads", None) or c.n_heads, c.d_head,
+                               c.d_model, c.d_vocab)
 
 
 def _rows(n: int, batch: int, edit: Edit, prompt_length: int | None, attention_mask, device) -> torch.Tensor:
@@ -87,8 +102,8 @@ def _geometry(model):
 
 def nnsight_sources(lm, edits: Sequence[Edit]) -> dict[int, dict[int, torch.Tensor]]:
     """Mean / patch values of ``edits`` computed with nnsight traces: {edit index: {layer: tensor}}."""
-    edits = _z_edits(edits)
     model = _hf(lm)
+    edits = _checked(edits, model_shape(HeadModel(model)))
     g = _geometry(model)
     paths = _out_proj_paths(model)
     out: dict[int, dict[int, torch.Tensor]] = {}
@@ -114,8 +129,8 @@ def nnsight_plan(lm, edits: Sequence[Edit], shape, *, sources=None, prompt_lengt
 
     ``sources``: from :func:`nnsight_sources` (needed for mean / patch edits).
     """
-    edits = _z_edits(edits)
     model = _hf(lm)
+    edits = _checked(edits, model_shape(HeadModel(model)))
     g = _geometry(model)
     paths = _out_proj_paths(model)
     if sources is None and any(e.kind in ("mean", "patch") for e in edits):
@@ -201,7 +216,7 @@ def bridge_from_hf(model, tokenizer=None):
 def bridge_sources(bridge, edits: Sequence[Edit]) -> dict[int, dict[int, torch.Tensor]]:
     """Mean / patch values of ``edits`` read from the bridge's ``hook_z``."""
     out: dict[int, dict[int, torch.Tensor]] = {}
-    for i, e in enumerate(_z_edits(edits)):
+    for i, e in enumerate(_checked(edits, _bridge_shape(bridge))):
         if e.kind not in ("mean", "patch"):
             continue
         layers = sorted({l for l, _ in e.heads})
@@ -216,7 +231,7 @@ def bridge_sources(bridge, edits: Sequence[Edit]) -> dict[int, dict[int, torch.T
 def bridge_hooks(bridge, edits: Sequence[Edit], *, sources=None, prompt_length: int | None = None,
                  attention_mask=None) -> list[tuple[str, object]]:
     """``fwd_hooks`` for ``bridge.run_with_hooks``: the edits on ``blocks.L.attn.hook_z``."""
-    edits = _z_edits(edits)
+    edits = _checked(edits, _bridge_shape(bridge))
     if sources is None:
         sources = bridge_sources(bridge, edits)
     available = set(bridge.hook_dict)

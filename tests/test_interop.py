@@ -12,6 +12,7 @@ from headscope.interop import (
     bridge_from_hf,
     bridge_hooks,
     nnsight_model,
+    nnsight_plan,
     nnsight_sources,
 )
 from headscope.interventions import Edit, intervene
@@ -83,3 +84,27 @@ def test_transformer_lens_bridge_matches_headscope(bridge_pair, case):
     assert (plain - base).abs().max() < 1e-5
     assert (got - ref).abs().max() < 1e-5
     assert (ref - base).abs().max() > 1e-3
+
+
+BAD_EDITS = {"head outside the grid": (Edit("zero", [(0, 9)]), "invalid head"),
+             "source id outside the vocabulary": (Edit("patch", [(0, 1)], source=torch.tensor([[10 ** 6]])),
+                                                  "outside this model's vocabulary")}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EDITS))
+def test_nnsight_checks_edits_against_the_model_before_the_trace(models, case):
+    """Checked as intervene checks them: one HeadscopeError, before nnsight runs anything."""
+    _, lm = models
+    edit, message = BAD_EDITS[case]
+    with pytest.raises(HeadscopeError, match=message):
+        nnsight_sources(lm, [edit])
+    with pytest.raises(HeadscopeError, match=message):
+        nnsight_plan(lm, [edit], IDS.shape, sources={})
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EDITS))
+def test_bridge_checks_edits_against_the_model(bridge_pair, case):
+    _, bridge = bridge_pair
+    edit, message = BAD_EDITS[case]
+    with pytest.raises(HeadscopeError, match=message):
+        bridge_hooks(bridge, [edit], sources={})
