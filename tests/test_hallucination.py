@@ -227,3 +227,12 @@ def test_head_pursuit_finds_the_organisms_shape_heads():
 def test_first_object_accuracy_rejects_an_unknown_attribute():
     with pytest.raises(HeadscopeError, match="'colour' or 'kind'"):
         shapes.first_object_accuracy(None, [], "size")
+
+
+@pytest.mark.parametrize("template", ["Is there a {thing} in <image>?", "Is there a {} in <image>?",
+                                      "Is there a {object!z} in <image>?"])
+def test_pope_refuses_a_template_with_another_field_before_generating(template):
+    """From Python as from the CLI: a field other than {object} is one HeadscopeError, raised before
+    the model is used (hm=None here would fail on first use)."""
+    with pytest.raises(HeadscopeError, match="the only field allowed is"):
+        hal.pope(None, [], [(0, "circle", True)], template)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -144,9 +145,22 @@ def caption_metrics(hm, images, truths, vocabulary, prompt: str, max_new_tokens:
     return chair(captions, truths, vocabulary), captions
 
 
+def check_template(template: str, option: str) -> None:
+    """A format string whose only field is ``{object}`` (literal braces doubled: ``{{`` ``}}``)."""
+    hint = f"{option} {template!r}: the only field allowed is {{object}} (write {{{{ and }}}} for literal braces)"
+    try:
+        fields = [name for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+        template.format(object="x")
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError):
+        raise HeadscopeError(hint) from None
+    if any(name != "object" for name in fields):
+        raise HeadscopeError(hint)
+
+
 def pope(hm, images, questions: Sequence[tuple[int, str, bool]], template: str,
          max_new_tokens: int = 3, batch_size: int = 16) -> dict[str, float]:
     """POPE metrics of the model's answers to ``questions`` (``template`` has an ``{object}`` slot)."""
+    check_template(template, "the POPE question template")
     prompts = [template.format(object=obj) for _, obj, _ in questions]
     answers = generate_texts(hm, [images[i] for i, _, _ in questions], prompts, max_new_tokens, batch_size)
     return pope_metrics([says_yes(a) for a in answers], [label for _, _, label in questions])

@@ -13,12 +13,12 @@ questions. Any LLaVA-family model can be evaluated on them with its own prompt f
 from __future__ import annotations
 
 import argparse
-import string
 
 from headscope import vision, zoo
 from headscope.cli.registry import register_task
 from headscope.errors import HeadscopeError
 from headscope.tasks import shapes
+from headscope.tasks.hallucination import check_template
 from headscope.validate import positive_int
 
 
@@ -46,18 +46,6 @@ def _prompts(args) -> tuple[str, str]:
         raise HeadscopeError(f"--question-prompt {question!r} has no {{object}} slot, e.g. 'Is there a {{object}} in the image?'")
     check_template(question, "--question-prompt")
     return caption, question
-
-
-def check_template(template: str, option: str) -> None:
-    """A format string whose only field is ``{object}`` (literal braces doubled: ``{{`` ``}}``)."""
-    hint = f"{option} {template!r}: the only field allowed is {{object}} (write {{{{ and }}}} for literal braces)"
-    try:
-        fields = [name for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
-        template.format(object="x")
-    except (ValueError, KeyError, IndexError, AttributeError, TypeError):
-        raise HeadscopeError(hint) from None
-    if any(name != "object" for name in fields):
-        raise HeadscopeError(hint)
 
 
 def check(args) -> None:
