@@ -29,12 +29,10 @@ import re
 import resource
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 import time
 import traceback
-import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -42,6 +40,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+
+from conftest import png_claiming  # noqa: E402  (conftest sets 2 threads; this script uses 1)
 
 torch.set_num_threads(1)
 
@@ -66,16 +66,6 @@ VHD = ["score", "--task", "vhd", "--quiet"]
 ICL_EVAL = ["eval", "--task", "icl", "--quiet", "--queries", "2", "--shots", "1", "--tasks", "{icl_small}"]
 FIT = ["inject", "fit", "--model", "icl", "--task", "{icl_small}", "--shots", "1", "--prompts", "2", "--steps", "1",
        "--quiet"]
-
-
-def png(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims width x height pixels (the data is a few bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
 
 
 def make_files(tmp: Path) -> dict[str, str]:
@@ -176,11 +166,11 @@ def make_files(tmp: Path) -> dict[str, str]:
     put("emb_trunc.safetensors", (tmp / "emb_huge.safetensors").read_bytes()[:100], "emb_trunc")
     put("emb_garbage.safetensors", b"\xff" * 64, "emb_garbage")
     # images
-    png(tmp / "bomb.png", 100_000, 100_000)
+    png_claiming(tmp / "bomb.png", 100_000, 100_000)
     f["bomb"] = str(tmp / "bomb.png")
-    png(tmp / "wide.png", 2 ** 31 - 1, 1)
+    png_claiming(tmp / "wide.png", 2 ** 31 - 1, 1)
     f["wide"] = str(tmp / "wide.png")
-    png(tmp / "zero.png", 0, 0)
+    png_claiming(tmp / "zero.png", 0, 0)
     f["zero_png"] = str(tmp / "zero.png")
     put("trunc.png", Path(SCENE).read_bytes()[:60], "trunc_png")
     put("text.png", "this is not an image", "text_png")
@@ -191,7 +181,7 @@ def make_files(tmp: Path) -> dict[str, str]:
     (tmp / "imgs_empty").mkdir()
     f["imgs_empty"] = str(tmp / "imgs_empty")
     (tmp / "imgs_bomb").mkdir()
-    png(tmp / "imgs_bomb" / "a.png", 100_000, 100_000)
+    png_claiming(tmp / "imgs_bomb" / "a.png", 100_000, 100_000)
     f["imgs_bomb"] = str(tmp / "imgs_bomb")
     put("vhd_prompts.txt", "<image>\ndescribe :\n", "vhd_prompts")
     put("vhd_noimg.txt", "describe :\n", "vhd_noimg")

@@ -1,6 +1,9 @@
 """Test setup: never touch the network; tiny random-init models of real architectures."""
 
 import os
+import struct
+import zlib
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -57,3 +60,15 @@ def organism():
     from headscope.model import HeadModel
 
     return HeadModel.load("retrieval")
+
+
+def png_claiming(path, width: int, height: int) -> str:
+    """A PNG whose header claims width x height pixels (the data is a few bytes): a decompression
+    bomb's header for the image-size checks."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                           + chunk(b"IEND", b""))
+    return str(path)

@@ -9,14 +9,13 @@ holding a fragment. ``early`` cases must fail before any model weights load.
 from __future__ import annotations
 
 import json
-import struct
 import tempfile
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import png_claiming
 from test_bad_input import run_case
 
 from headscope import zoo
@@ -86,17 +85,6 @@ NO_GPU_CASES = [  # valid where the device exists
 ]
 
 
-def _png(path: Path, width: int, height: int) -> str:
-    """A PNG whose header claims width x height pixels (the data is a few bytes)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_edits")
@@ -124,10 +112,10 @@ def files(tmp_path_factory):
     lines = (zoo.organism_path("icl") / first_task).read_text().splitlines(keepends=True)[:24]
     (tmp / "icl_small.jsonl").write_text("".join(lines))
     f["icl_small"] = str(tmp / "icl_small.jsonl")
-    f["bomb"] = _png(tmp / "bomb.png", 100_000, 100_000)  # beyond PIL's own limit: DecompressionBombError
-    f["big"] = _png(tmp / "big.png", 9000, 9000)  # 81 M pixels: under PIL's limit, over headscope's
+    f["bomb"] = png_claiming(tmp / "bomb.png", 100_000, 100_000)  # beyond PIL's own limit: DecompressionBombError
+    f["big"] = png_claiming(tmp / "big.png", 9000, 9000)  # 81 M pixels: under PIL's limit, over headscope's
     (tmp / "bombs").mkdir()
-    _png(tmp / "bombs" / "a.png", 100_000, 100_000)
+    png_claiming(tmp / "bombs" / "a.png", 100_000, 100_000)
     f["bomb_dir"] = str(tmp / "bombs")
     (tmp / "vhd_prompts.txt").write_text("<image>\ndescribe :\n")
     f["vhd_prompts"] = str(tmp / "vhd_prompts.txt")
